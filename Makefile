@@ -32,7 +32,7 @@ execute: setup
 
 nbval: setup
 	$(QUIET_ENV) LOSSBOOK_THREADS=1 $(BIN)/python -m pytest -q -n $(JOBS) -p no:cacheprovider \
-	  --nbval-lax --nbval-current-env _build/executed/chapters
+	  --dist loadfile --nbval-lax --nbval-current-env _build/executed/chapters
 
 build: setup
 	$(BIN)/python tools/build_book.py

@@ -91,11 +91,19 @@ def cite_text(entry: dict[str, str]) -> str:
     return f"{who}, {entry.get('year', 'n.d.')}"
 
 
+def _full_names(authors: str) -> str:
+    names = []
+    for a in re.split(r"\s+and\s+", authors.strip()):
+        last, _, first = a.partition(",")
+        names.append(f"{first.strip()} {last.strip()}".strip() if first else a.strip())
+    return ", ".join(names)
+
+
 def reference_line(key: str, e: dict[str, str]) -> str:
     venue = e.get("journal") or e.get("booktitle") or e.get("publisher") or e.get("howpublished") or ""
     url = e.get("url") or (f"https://arxiv.org/abs/{e['eprint']}" if "eprint" in e else "")
     tail = f" {url}" if url else ""
-    return f"- {e.get('author', '')} ({e.get('year', 'n.d.')}). *{e.get('title', key)}*. {venue}.{tail}".replace(" .", "")
+    return f"- {_full_names(e.get('author', ''))} ({e.get('year', 'n.d.')}). *{e.get('title', key)}*. {venue}.{tail}".replace(" .", "")
 
 
 # --------------------------------------------------------------------------- code extraction
