@@ -155,7 +155,8 @@ class Converter:
         if name == "literalinclude":
             path = (self.src.parent / arg).resolve()
             code = extract_pyobject(path, opts["pyobject"]) if "pyobject" in opts else path.read_text()
-            return f"```python\n{code}\n```\n*(from `{path.relative_to(ROOT)}`)*\n"
+            shown = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path.name
+            return f"```python\n{code}\n```\n*(from `{shown}`)*\n"
         if name.startswith("prf:"):
             kind = name.split(":", 1)[1]
             inner = self.convert(body)
