@@ -46,11 +46,13 @@ def use_style() -> None:
 
 
 def figure(ncols: int = 1, nrows: int = 1, *, width: float = 4.2, height: float = 3.2, **kw: Any):
-    """``fig, axes`` in the book's style; ``width``/``height`` are per panel, in inches."""
+    """``fig, ax`` in the book's style (``ax`` a flat array of axes when there are several panels);
+    ``width``/``height`` are per panel, in inches."""
     import matplotlib.pyplot as plt
 
     use_style()
-    return plt.subplots(nrows, ncols, figsize=(width * ncols, height * nrows), squeeze=ncols * nrows == 1, **kw)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(width * ncols, height * nrows), squeeze=False, **kw)
+    return fig, (axes[0, 0] if ncols * nrows == 1 else axes.ravel())
 
 
 def mean_std(values: Sequence[float], fmt: str = ".3f") -> str:
