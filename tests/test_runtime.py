@@ -63,3 +63,14 @@ def test_record_bad_input(kw, match):
     args = {"chapter": "p/s", "scale": "ci", "claims": {"x": True}, "metrics": {}} | kw
     with pytest.raises(ValueError, match=match):
         runtime.record(args.pop("chapter"), **args)
+
+
+def test_recorded_finds_results_upwards(tmp_path):
+    rec = runtime.record("p/s", scale="full", claims={"a": True, "b": False}, metrics={}, out_dir=tmp_path / "results")
+    deep = tmp_path / "chapters" / "p"
+    deep.mkdir(parents=True)
+    assert runtime.recorded("p/s", start=deep) == json.loads(json.dumps(rec))
+    assert runtime.recorded("p/other", start=deep) is None
+    rows = runtime.compare_claims({"claims": {"a": True, "b": True, "c": True}}, rec)
+    assert [r["full scale"] for r in rows] == ["held", "not held", "not run"]
+    assert runtime.compare_claims({"claims": {"a": False}}, None)[0]["full scale"] == "not run"

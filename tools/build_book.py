@@ -65,7 +65,9 @@ def chapter_table(records_dir: Path) -> str:
         full_rec = json.loads(full.read_text()) if full.exists() else None
         full_txt = verdict(full_rec)
         if full_rec:
-            full_txt += f"<br><small>{full_rec['hardware']}, {full_rec['date']}</small>"
+            data = full_rec.get("metrics", {}).get("data")
+            where = f"{full_rec['hardware']}, {full_rec['date']}" + (f", data: {data}" if data else "")
+            full_txt += f"<br><small>{where}</small>"
         claim = chapter_claim(src).replace("|", "\\|")
         rows.append(f"| {part} | {{doc}}`{chapter_title(src)} <chapters/{cid}>` | {claim} | {verdict(ci_rec)} | {full_txt} |")
     return "\n".join(rows)

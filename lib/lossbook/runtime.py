@@ -31,8 +31,10 @@ __all__ = [
     "get_device",
     "hardware",
     "in_ci",
+    "compare_claims",
     "in_colab",
     "record",
+    "recorded",
     "seed_everything",
     "setup",
 ]
@@ -209,3 +211,28 @@ def record(chapter: str, *, scale: str, claims: Mapping[str, bool], metrics: Map
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(rec, indent=2, sort_keys=True) + "\n")
     return rec
+
+
+def recorded(chapter: str, *, start: str | os.PathLike | None = None) -> dict | None:
+    """The full-scale run recorded for ``chapter`` in ``results/<chapter>.json``, or ``None``.
+
+    ``results/`` is looked for in the working directory and its parents (a chapter runs from
+    ``chapters/<part>/`` in the repository; on Colab there is usually none).
+    """
+    here = Path(start or os.getcwd()).resolve()
+    for folder in (here, *here.parents):
+        path = folder / "results" / f"{chapter}.json"
+        if path.is_file():
+            return json.loads(path.read_text())
+    return None
+
+
+def compare_claims(ci: Mapping[str, Any], full: Mapping[str, Any] | None) -> list[dict]:
+    """Rows (claim, CI verdict, full-scale verdict) for a chapter's table of its two runs."""
+    fmt = lambda held: "held" if held else "not held"  # noqa: E731
+    rows = []
+    for name, held in ci["claims"].items():
+        other = (full or {}).get("claims", {}).get(name)
+        rows.append({"claim": name, "CI scale (this page)": fmt(held),
+                     "full scale": "not run" if other is None else fmt(other)})
+    return rows
