@@ -10,7 +10,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["compare", "figure", "learning_curves", "mean_std", "results_table", "use_style"]
+__all__ = ["compare", "figure", "learning_curves", "mean_std", "reliability_diagram", "results_table",
+           "use_style"]
 
 PALETTE = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000", "#F0E442"]
 """Okabe–Ito colours: distinguishable with the common colour-vision deficiencies."""
@@ -121,6 +122,27 @@ def compare(results: Mapping[str, Sequence[float]], *, ax=None, ylabel: str = ""
         ax.grid(axis="x", visible=False)
     if paper:
         ax.legend()
+    return ax
+
+
+def reliability_diagram(bins: Mapping[str, Any], *, ax=None, title: str = "", ece: Mapping[str, float] | None = None):
+    """Reliability diagram: for each entry (label -> :class:`lossbook.metrics.ReliabilityBins`),
+    the accuracy of each non-empty confidence bin against its mean confidence, with the diagonal of
+    perfect calibration; the ECE goes into the legend where ``ece`` gives it. Returns the axes."""
+    if ax is None:
+        _, ax = figure(width=3.6, height=3.4)
+    use_style()
+    ax.plot([0, 1], [0, 1], color="0.5", linestyle="--", linewidth=1, label="calibrated")
+    for i, (label, b) in enumerate(bins.items()):
+        conf, acc, count = (np.asarray(t.detach().cpu() if hasattr(t, "detach") else t, dtype=float)
+                            for t in (b.confidence, b.accuracy, b.count))
+        keep = count > 0
+        name = f"{label} (ECE {ece[label]:.3f})" if ece and label in ece else f"{label}"
+        ax.plot(conf[keep], acc[keep], marker="o", markersize=4, color=PALETTE[i % len(PALETTE)],
+                label=name)
+    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy", title=title)
+    ax.set_aspect("equal")
+    ax.legend(loc="upper left")
     return ax
 
 
