@@ -2,6 +2,8 @@
 # test tools at the versions in constraints/ci.txt), so each works on a fresh clone.
 #   make test                      the full check: unit tests, every chapter executed and
 #                                  validated, the contract, the book built with warnings as errors
+#                                  and opened in a headless browser
+#   make browser-tests             open the built book in headless Chromium (needs Debian's chromium)
 #   make book                      execute every chapter at SCALE=ci and build _build/html
 #   make chapter C=classification/comp_sum SCALE=full   run one chapter at any scale
 SHELL := /bin/bash
@@ -15,7 +17,7 @@ FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 STAMP := $(VENV)/.lossbook-installed
 QUIET_ENV := LOSSBOOK_QUIET=1 PYTHONWARNINGS=ignore::DeprecationWarning MPLBACKEND=agg
 
-.PHONY: setup unit execute nbval build book site-tests test chapter colab constraints clean
+.PHONY: setup unit execute nbval build book site-tests browser-tests test chapter colab constraints clean
 
 setup: $(STAMP)
 
@@ -25,7 +27,7 @@ $(STAMP): pyproject.toml constraints/ci.txt
 	@touch $@
 
 unit: setup
-	$(QUIET_ENV) $(BIN)/python -m pytest -q -n $(JOBS) -p no:cacheprovider tests --ignore=tests/build
+	$(QUIET_ENV) $(BIN)/python -m pytest -q -n $(JOBS) -p no:cacheprovider tests --ignore=tests/build --ignore=tests/browser
 
 execute: setup
 	$(BIN)/python tools/run_chapters.py --scale ci --jobs $(JOBS)
@@ -42,7 +44,12 @@ book: execute build
 site-tests: setup
 	$(QUIET_ENV) $(BIN)/python -m pytest -q -p no:cacheprovider tests/build
 
-test: setup unit execute nbval build site-tests
+# the built book in headless Chromium (Debian's `chromium`, or $LOSSBOOK_CHROMIUM): every page, both
+# themes, desktop and phone; screenshots for review in _build/screenshots/
+browser-tests: setup
+	$(QUIET_ENV) $(BIN)/python -m pytest -q -p no:cacheprovider tests/browser
+
+test: setup unit execute nbval build site-tests browser-tests
 
 chapter: setup
 	@test -n "$(C)" || { echo "usage: make chapter C=<part>/<slug> [SCALE=ci|full]"; exit 2; }

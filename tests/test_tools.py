@@ -128,3 +128,17 @@ def test_runner_injects_parameters_and_records_time(tmp_path, capsys):
     assert "scale is full" in outputs
     timings = json.loads((tmp_path / "t.json").read_text())
     assert timings["demo/fine@full"]["status"] == "ok" and timings["demo/fine@full"]["wall_s"] > 0
+
+
+def test_sphinx_extension_drops_repeated_scripts_and_is_loaded_by_the_build():
+    import lossbook_sphinx
+    from sphinx.builders.html._assets import _JavaScript
+
+    thebe = _JavaScript(None, body="const THEBE_JS_URL = 'x'")  # an inline script, added twice
+    ctx = {"script_files": [_JavaScript("a.js"), thebe, _JavaScript(None, body="const THEBE_JS_URL = 'x'"),
+                            _JavaScript("a.js", defer="defer"), _JavaScript("a.js")]}
+    lossbook_sphinx.dedupe_scripts(None, "p", "page.html", ctx, None)
+    assert [(str(s.filename), s.attributes) for s in ctx["script_files"]] == \
+        [("a.js", {}), ("None", {"body": "const THEBE_JS_URL = 'x'"}), ("a.js", {"defer": "defer"})]
+    cfg = build_book.staged_config(colab.load_config())
+    assert cfg["sphinx"]["local_extensions"]["lossbook_sphinx"] == str(ROOT / "tools")

@@ -79,6 +79,8 @@ def staged_config(config: dict) -> dict:
     _, branch, folder = colab.colab_location(config)
     cfg.pop("lossbook", None)
     cfg["repository"] = {"url": config["repository"]["url"], "branch": branch, "path_to_book": folder}
+    sphinx = cfg.setdefault("sphinx", {})
+    sphinx.setdefault("local_extensions", {})["lossbook_sphinx"] = str(ROOT / "tools")
     return cfg
 
 
