@@ -107,6 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     env = dict(os.environ)
     env.setdefault("LOSSBOOK_QUIET", "1" if args.scale == "ci" else "")
     env["LOSSBOOK_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
+    # OpenMP sizes its pool at start-up, before torch.set_num_threads runs: without this, each kernel
+    # keeps a pool as wide as the machine spinning beside the other chapters
+    env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = env["LOSSBOOK_THREADS"]
     env["LOSSBOOK_RECORD_DIR"] = str((args.record_dir or ROOT / "_build" / "reports" / "records" / args.scale).resolve())
     env["PYTHONWARNINGS"] = env.get("PYTHONWARNINGS", "ignore::DeprecationWarning")
     env.setdefault("MPLBACKEND", "module://matplotlib_inline.backend_inline")
