@@ -58,6 +58,12 @@ def gaps(src: Path) -> list[str]:
         out.append(f'no runtime.record("{part}/{slug}", ...) call')
     if not re.search(r"lossbook\.plot|\bplot\.\w+\(|plt\.|savefig", code):
         out.append("no figure")
+    import jupytext
+
+    swallowed = [c.source[:60] for c in jupytext.reads(text, fmt="md:myst").cells
+                 if c.cell_type == "markdown" and "{code-cell}" in c.source]
+    if swallowed:
+        out.append(f"a code cell was read as markdown (a stray ``` fence before it?): {swallowed[0]!r}")
     if not (ROOT / "lib" / "lossbook" / part / f"{slug}.py").exists():
         out.append(f"no lib/lossbook/{part}/{slug}.py")
     if not (ROOT / "tests" / part / f"test_{slug}.py").exists():
