@@ -64,6 +64,11 @@ def gaps(src: Path) -> list[str]:
                  if c.cell_type == "markdown" and "{code-cell}" in c.source]
     if swallowed:
         out.append(f"a code cell was read as markdown (a stray ``` fence before it?): {swallowed[0]!r}")
+    for box in re.findall(r"^```\{prf:[^\n]*\n(.*?)^```\s*$", text, re.S | re.M):
+        if re.search(r"^\$\$\s*\([\w-]+\)\s*$", box, re.M):
+            out.append("a labelled $$...$$ (label) equation inside a {prf:...} box: MyST drops the label there; "
+                       "use a :::{math} directive with :label: instead")
+            break
     if not (ROOT / "lib" / "lossbook" / part / f"{slug}.py").exists():
         out.append(f"no lib/lossbook/{part}/{slug}.py")
     if not (ROOT / "tests" / part / f"test_{slug}.py").exists():

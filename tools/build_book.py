@@ -144,8 +144,11 @@ def main(argv: list[str] | None = None) -> int:
     if colab.main([]) != 0:
         return 1
     html = ROOT / "_build" / "html"
-    if html.exists():
-        shutil.rmtree(html)
+    # a clean build: Sphinx keeps the search index in the output folder, so reusing the doctrees of
+    # unchanged pages after deleting the output would leave those pages out of the search
+    for old in (html, ROOT / "_build" / ".doctrees"):
+        if old.exists():
+            shutil.rmtree(old)
     jb = Path(sys.executable).with_name("jupyter-book")
     cmd = [str(jb), "build", str(stage_dir), "--path-output", str(ROOT), "--builder", "html", "--keep-going"]
     if not args.no_strict:
