@@ -69,6 +69,9 @@ def gaps(src: Path) -> list[str]:
             out.append("a labelled $$...$$ (label) equation inside a {prf:...} box: MyST drops the label there; "
                        "use a :::{math} directive with :label: instead")
             break
+    if re.search(r"^[ \t]+\$\$\s*\([\w-]+\)\s*$", text, re.M):
+        out.append("a labelled $$...$$ (label) equation indented in a list: its label is lost; "
+                   "use a ```{math} directive with :label: instead")
     if not (ROOT / "lib" / "lossbook" / part / f"{slug}.py").exists():
         out.append(f"no lib/lossbook/{part}/{slug}.py")
     if not (ROOT / "tests" / part / f"test_{slug}.py").exists():

@@ -69,6 +69,38 @@ def test_converter_rewrites_myst_into_plain_markdown(tmp_path):
     assert conv.cited == ["doe2020x"]
 
 
+def test_converter_numbers_math_directives_in_page_order_also_inside_lists(tmp_path):
+    text = textwrap.dedent("""
+        See {eq}`eq-c`, {eq}`eq-b` and {eq}`eq-a`.
+
+        $$
+        a = 1
+        $$ (eq-a)
+
+        ```{prf:lemma}
+        :::{math}
+        :label: eq-b
+        b = 2
+        :::
+        ```
+
+        1. A step:
+
+           ```{math}
+           :label: eq-c
+           c = 3
+           ```
+
+           then more.
+        """)
+    conv = colab.Converter(tmp_path / "ch.md", BIB)
+    conv.prescan([text])
+    out = conv.convert(text)
+    assert "See (3), (2) and (1)." in out
+    assert "b = 2 \\tag{2}" in out and "   c = 3 \\tag{3}" in out
+    assert not colab.RAW_LEFT.search(out), out
+
+
 def test_colab_url_comes_from_config():
     cfg = {"repository": {"url": "https://github.com/o/r", "branch": "dev"},
            "lossbook": {"colab_branch": "pages", "colab_path": "nb"}}

@@ -31,8 +31,10 @@ PRF_KINDS = {"theorem": "Theorem", "lemma": "Lemma", "proposition": "Proposition
              "observation": "Observation", "criterion": "Criterion", "axiom": "Axiom"}
 ADMONITIONS = {"note", "tip", "warning", "important", "caution", "attention", "hint", "seealso",
                "admonition", "danger", "error"}
-FENCE = re.compile(r"^(?P<fence>```+|:::+)\{(?P<name>[\w:-]+)\}[ \t]*(?P<arg>[^\n]*)\n(?P<body>.*?)^(?P=fence)[ \t]*$",
-                   re.M | re.S)
+FENCE = re.compile(r"^(?P<indent>[ \t]*)(?P<fence>```+|:::+)\{(?P<name>[\w:-]+)\}[ \t]*(?P<arg>[^\n]*)\n"
+                   r"(?P<body>.*?)^[ \t]*(?P=fence)[ \t]*$", re.M | re.S)  # indented: inside a list item
+MATH_LABEL = re.compile(r"\$\$[ \t]*\(([\w:.-]+)\)|^[ \t]*(?:```+|:::+)\{math\}[^\n]*\n(?:[ \t]*:[\w-]+:.*\n)*?"
+                        r"[ \t]*:label:[ \t]*(\S+)", re.M)
 ROLE = re.compile(r"\{(?P<role>[\w:-]+)\}`(?P<text>[^`]*)`")
 RAW_LEFT = re.compile(r"(```+|:::+)\{[\w:-]+\}|\{[\w:-]+\}`")
 
@@ -136,8 +138,8 @@ class Converter:
         """Number labelled equations and proof-like boxes before rewriting, so forward
         references resolve."""
         for t in texts:
-            for m in re.finditer(r"\$\$[ \t]*\(([\w:.-]+)\)", t):
-                self.eq.setdefault(m.group(1), len(self.eq) + 1)
+            for m in MATH_LABEL.finditer(t):  # both label forms share one counter, in page order
+                self.eq.setdefault(m.group(1) or m.group(2), len(self.eq) + 1)
             for m in FENCE.finditer(t):
                 name = m.group("name")
                 kind = name.split(":", 1)[1] if name.startswith("prf:") else None
@@ -150,8 +152,12 @@ class Converter:
 
     def _fence(self, m: re.Match) -> str:
         name, arg, body = m.group("name"), m.group("arg").strip(), m.group("body")
-        opts = dict(re.findall(r"^:([\w-]+):[ \t]*(.*)$", body, re.M))
-        body = re.sub(r"^:[\w-]+:.*\n?", "", body, flags=re.M).strip("\n")
+        head = re.match(r"(?:[ \t]*:[\w-]+:.*(?:\n|$))*", body).group(0)   # the options block, not nested ones
+        opts = dict(re.findall(r"^[ \t]*:([\w-]+):[ \t]*(.*)$", head, re.M))
+        indent = m.group("indent")
+        body = body[len(head):].strip("\n")
+        if indent:
+            body = "\n".join(line[len(indent):] if line.startswith(indent) else line for line in body.splitlines())
         if name == "literalinclude":
             path = (self.src.parent / arg).resolve()
             code = extract_pyobject(path, opts["pyobject"]) if "pyobject" in opts else path.read_text()
@@ -171,7 +177,7 @@ class Converter:
         if name in ("math",):
             lab = opts.get("label")
             tag = f" \\tag{{{self.eq[lab]}}}" if lab in self.eq else ""
-            return f"$$\n{body}{tag}\n$$\n"
+            return "\n".join(indent + line for line in f"$$\n{body}{tag}\n$$".splitlines()) + "\n"
         if name in ADMONITIONS:
             title = arg if name == "admonition" else (arg or name.title())
             inner = self.convert(body)

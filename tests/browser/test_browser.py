@@ -61,8 +61,9 @@ def _search_results(contexts, base: str, term: str) -> list[str]:
     box.fill(term)
     box.press("Enter")
     page.wait_for_url(re.compile(r"search\.html\?q="))
-    page.wait_for_function("() => document.querySelector('#search-results p.search-summary, "
-                           "#search-results .search-summary') !== null", timeout=20_000)
+    # Sphinx lists the hits one by one and only then retitles the results "Search Results"
+    page.wait_for_function("() => { const h = document.querySelector('#search-results h2'); "
+                           "return h !== null && h.innerText.trim() === 'Search Results'; }", timeout=20_000)
     hrefs = page.eval_on_selector_all("#search-results a", "as => as.map(a => a.href)")
     page.close()
     return hrefs
