@@ -1,0 +1,1 @@
+"""Online learning: regret minimisation against stochastic, adversarial and in-between environments."""

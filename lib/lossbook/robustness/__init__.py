@@ -1,0 +1,1 @@
+"""Robustness: objectives that keep a model accurate under heavy-tailed noise, outliers and input perturbations."""
