@@ -446,3 +446,28 @@ def test_cuda_matches_cpu_and_steps_never_sync():
         torch.cuda.set_sync_debug_mode("default")
     assert saf.memory.logits.device.type == "cuda" and float(saf.last_trajectory) > 0
     assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+def test_sam_foreach_path_equals_the_per_parameter_loop_in_float64():
+    def run(foreach):
+        torch.manual_seed(0)
+        m = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3)).double()
+        m[0].bias.requires_grad_(False)                  # a parameter without a gradient is skipped
+        opt = SAM([{"params": list(m[0].parameters())}, {"params": list(m[2].parameters()), "rho": 0.2}],
+                  torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9, foreach=foreach)
+        g = torch.Generator().manual_seed(1)
+        x, y = torch.randn(16, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (16,), generator=g)
+
+        def closure():
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(m(x), y)
+            loss.backward()
+            return loss
+        for _ in range(5):
+            opt.step(closure)
+        return [p.detach().clone() for p in m.parameters()]
+
+    for a, b in zip(run(True), run(False)):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="foreach"):
+        SAM(torch.nn.Linear(2, 2).parameters(), rho=0.1, lr=0.1, foreach="yes")

@@ -382,6 +382,9 @@ class SAM(torch.optim.Optimizer):
             the actual step, e.g. ``torch.optim.SGD``.
         rho: radius :math:`\rho \ge 0` of the ball (0.05 in the SAM paper); ``rho=0`` is the base
             optimizer with two passes.
+        foreach: move to the perturbed point with multi-tensor (``torch._foreach_*``) kernels, one
+            launch per group instead of one per parameter; ``None`` (default) uses them when every
+            parameter with a gradient sits on one device. The result equals the per-parameter loop.
         **kwargs: the base optimizer's hyper-parameters (``lr``, ``momentum``, ...).
 
     ``param_groups`` and ``state`` are shared with the base optimizer, so learning-rate schedulers
@@ -389,8 +392,11 @@ class SAM(torch.optim.Optimizer):
     """
 
     def __init__(self, params, base_optimizer: Callable[..., torch.optim.Optimizer] = torch.optim.SGD, *,
-                 rho: float = 0.05, **kwargs):
+                 rho: float = 0.05, foreach: bool | None = None, **kwargs):
         _positive("rho", rho, allow_zero=True)
+        if foreach not in (None, True, False):
+            raise ValueError(f"foreach must be None, True or False, got {foreach!r}")
+        self.foreach = foreach
         super().__init__(params, dict(rho=float(rho), **kwargs))
         for group in self.param_groups:
             _positive("rho", group["rho"], allow_zero=True)
@@ -415,6 +421,19 @@ class SAM(torch.optim.Optimizer):
         norm = self._grad_norm()
         for group in self.param_groups:
             scale = group["rho"] / (norm + 1e-12)
+            live = [p for p in group["params"] if p.grad is not None]
+            use_foreach = self.foreach if self.foreach is not None else \
+                len({(p.device, p.dtype) for p in live}) == 1
+            if use_foreach and live:
+                for p in group["params"]:
+                    if p.grad is None:
+                        self.state[p].pop("old_p", None)
+                olds = torch._foreach_mul(live, 1.0)                      # copies of theta, one launch
+                for p, old in zip(live, olds):
+                    self.state[p]["old_p"] = old
+                step = torch._foreach_mul([p.grad for p in live], scale.to(live[0].device, live[0].dtype))
+                torch._foreach_add_(live, step)
+                continue
             for p in group["params"]:
                 state = self.state[p]
                 if p.grad is None:
