@@ -1,0 +1,1 @@
+"""Representation learning: contrastive and self-supervised objectives, and the geometry of the embeddings they learn."""
