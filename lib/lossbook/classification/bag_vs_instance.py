@@ -29,18 +29,15 @@ import numbers
 import torch
 from torch import nn
 
+from .._checks import check_reduction as _check_reduction, reduce as _reduce
+
 __all__ = ["AggregateLoss", "aggregate_ols", "bag_loss", "bag_means", "bag_spread",
            "conditional_bias_variance", "instance_loss", "interpolating_loss", "interpolating_risk",
            "make_bags"]
 
-_REDUCTIONS = ("mean", "sum", "none")
 
 
 # ----------------------------------------------------------------------------------- checks
-def _check_reduction(reduction: str) -> str:
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    return reduction
 
 
 def _check_rho(rho: float) -> float:
@@ -66,11 +63,6 @@ def _pred_1d(pred: torch.Tensor) -> torch.Tensor:
     if pred.dim() != 1:
         raise ValueError(f"pred must have shape (n,) or (n, 1), got {tuple(pred.shape)}")
     return pred
-
-
-def _reduce(x: torch.Tensor, reduction: str) -> torch.Tensor:
-    _check_reduction(reduction)
-    return x.mean() if reduction == "mean" else x.sum() if reduction == "sum" else x
 
 
 # ------------------------------------------------------------------------------------- bags

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._checks import REDUCTIONS as _REDUCTIONS, reduce as _reduce
+
 __all__ = [
     "CompSumLoss",
     "adv_comp_sum_loss",
@@ -35,7 +37,6 @@ __all__ = [
     "zero_one_regret",
 ]
 
-_REDUCTIONS = ("mean", "sum", "none")
 
 
 def _check_tau(tau: float) -> float:
@@ -51,14 +52,6 @@ def _check_logits_target(logits: torch.Tensor, target: torch.Tensor) -> None:
         raise ValueError(f"target must have shape ({logits.shape[0]},), got {tuple(target.shape)}")
     if target.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"target must hold integer class indices, got dtype {target.dtype}")
-
-
-def _reduce(loss: torch.Tensor, reduction: str) -> torch.Tensor:
-    if reduction == "mean":
-        return loss.mean()
-    if reduction == "sum":
-        return loss.sum()
-    return loss
 
 
 def comp_sum_loss(logits: torch.Tensor, target: torch.Tensor, *, tau: float = 1.0,

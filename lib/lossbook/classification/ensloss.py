@@ -29,29 +29,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._checks import check_reduction as _check_reduction, reduce as _reduce
+
 __all__ = ["EnsLoss", "ensloss", "is_calibrated_derivative", "margin_loss", "margins",
            "sample_calibrated_derivatives"]
 
-_REDUCTIONS = ("mean", "sum", "none")
 _KINDS = ("logistic", "hinge", "squared_hinge", "exponential")
 _EXP_MARGIN_FLOOR = -80.0  # e^{80} ~ 5.5e34: finite in float32
-
-
-def _check_reduction(reduction: str) -> str:
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    return reduction
 
 
 def _check_lambda(lam: float) -> float:
     if isinstance(lam, bool) or not isinstance(lam, numbers.Real) or not math.isfinite(lam):
         raise ValueError(f"boxcox_lambda must be a finite real number, got {lam!r}")
     return float(lam)
-
-
-def _reduce(x: torch.Tensor, reduction: str) -> torch.Tensor:
-    _check_reduction(reduction)
-    return x.mean() if reduction == "mean" else x.sum() if reduction == "sum" else x
 
 
 def margins(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -35,18 +35,15 @@ import numbers
 import torch
 from torch import nn
 
+from .._checks import check_reduction as _check_reduction, reduce as _reduce
+
 __all__ = ["ALDRKLLoss", "LDRKLLoss", "aldr_kl_lambda", "aldr_kl_loss", "ldr_kl_loss", "ldr_kl_weights",
            "normalize_scores"]
 
-_REDUCTIONS = ("mean", "sum", "none")
 _NORMALIZE = (None, "softplus", "l1")
 
 
 # --------------------------------------------------------------------------- checks
-def _check_reduction(reduction: str) -> str:
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    return reduction
 
 
 def _check_real(name: str, value: float, *, low: float = 0.0, strict: bool = False,
@@ -78,10 +75,6 @@ def _check_logits_target(logits: torch.Tensor, target: torch.Tensor) -> None:
     # range check without a host sync on accelerators (gather asserts there)
     if target.device.type == "cpu" and target.numel() and (target.min() < 0 or target.max() >= logits.shape[1]):
         raise ValueError(f"target must hold class indices in [0, {logits.shape[1]})")
-
-
-def _reduce(x: torch.Tensor, reduction: str) -> torch.Tensor:
-    return x.mean() if reduction == "mean" else x.sum() if reduction == "sum" else x
 
 
 def _lam_tensor(lam: float | torch.Tensor, like: torch.Tensor, name: str = "lam") -> torch.Tensor:

@@ -35,10 +35,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._checks import check_reduction as _check_reduction, reduce as _reduce
+
 __all__ = ["FactoredSphericalLinear", "ZLoss", "log_spherical_softmax_loss", "log_taylor_softmax_loss",
            "spherical_softmax", "spherical_stats", "taylor_softmax", "z_loss", "z_loss_from_stats"]
 
-_REDUCTIONS = ("mean", "sum", "none")
 
 StatsLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
 
@@ -46,17 +47,6 @@ StatsLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tens
 def _softplus(x: torch.Tensor) -> torch.Tensor:
     # torch's default switches to the identity above 20 (an error of e^-20 ~ 2e-9); 50 is exact in float64
     return F.softplus(x, beta=1.0, threshold=50.0)
-
-
-def _check_reduction(reduction: str) -> str:
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    return reduction
-
-
-def _reduce(x: torch.Tensor, reduction: str) -> torch.Tensor:
-    _check_reduction(reduction)
-    return x.mean() if reduction == "mean" else x.sum() if reduction == "sum" else x
 
 
 def _check_positive(name: str, value: float) -> float:

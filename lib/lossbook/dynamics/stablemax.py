@@ -48,12 +48,13 @@ from torch import nn
 
 from lossbook.data import TensorData
 
+from .._checks import reduce as _reduce
+
 __all__ = ["OrthoGrad", "StableMaxCrossEntropy", "absorption_gap", "homogeneous_mlp", "log_stablemax",
            "modular_arithmetic", "nlm_cosine", "orthogonal_gradient", "orthogonalize_gradients_",
            "StackedMLP", "softmax_collapse", "softmax_collapse_fraction", "stablemax", "stablemax_cross_entropy",
            "stablemax_s"]
 
-_REDUCTIONS = ("mean", "sum", "none")
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -85,12 +86,6 @@ def _check_logits_target(logits: torch.Tensor, target: torch.Tensor) -> None:
     if target.device.type == "cpu" and target.numel() and (int(target.min()) < 0 or int(target.max()) >= k):
         raise ValueError(f"target must lie in [0, {k - 1}], got values in "
                          f"[{int(target.min())}, {int(target.max())}]")
-
-
-def _reduce(x: torch.Tensor, reduction: str) -> torch.Tensor:
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    return x.mean() if reduction == "mean" else x.sum() if reduction == "sum" else x
 
 
 # ----------------------------------------------------------------------------------------------

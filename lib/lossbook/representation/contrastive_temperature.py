@@ -32,11 +32,12 @@ from torch import nn
 
 from ..augment import augment
 
+from .._checks import reduce as _reduce
+
 __all__ = ["hard_info_nce", "info_nce", "info_nce_similarity_grad", "masked_info_nce", "negative_weights",
            "simclr_masks", "tolerance", "train_contrastive", "train_contrastive_stacked", "uniformity",
            "weight_entropy"]
 
-_REDUCTIONS = ("mean", "sum", "none")
 
 
 def _check_tau(tau: float | torch.Tensor) -> float | torch.Tensor:
@@ -59,12 +60,6 @@ def _tau_for(tau: float | torch.Tensor, sim: torch.Tensor) -> float | torch.Tens
                              f"got {tuple(tau.shape)}")
         return tau.to(sim.dtype)[..., None, None]
     return tau
-
-
-def _reduce(x: torch.Tensor, reduction: str) -> torch.Tensor:
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    return x.mean() if reduction == "mean" else x.sum() if reduction == "sum" else x
 
 
 def _check_masks(sim: torch.Tensor, pos_mask: torch.Tensor, neg_mask: torch.Tensor) -> None:
