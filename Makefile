@@ -6,6 +6,8 @@
 #   make browser-tests             open the built book in headless Chromium (needs Debian's chromium)
 #   make book                      execute every chapter at SCALE=ci and build _build/html
 #   make chapter C=classification/comp_sum SCALE=full   run one chapter at any scale
+#   make bench                     rerun the CPU benchmarks against peer libraries into
+#                                  results/benchmarks/cpu.json (the book's Performance page)
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -17,7 +19,7 @@ FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 STAMP := $(VENV)/.lossbook-installed
 QUIET_ENV := LOSSBOOK_QUIET=1 PYTHONWARNINGS=ignore::DeprecationWarning MPLBACKEND=agg
 
-.PHONY: setup unit execute nbval build book site-tests browser-tests test chapter colab constraints clean
+.PHONY: bench setup unit execute nbval build book site-tests browser-tests test chapter colab constraints clean
 
 setup: $(STAMP)
 
@@ -66,3 +68,10 @@ constraints: setup
 
 clean:
 	rm -rf _build
+
+# lossbook against peer libraries (pytorch-metric-learning, LibAUC, torch), CPU; not part of `make test`.
+# LibAUC declares torch_geometric, transformers, opencv... as requirements; its losses need none of them.
+bench: setup
+	$(BIN)/python -m pip install -q --disable-pip-version-check $(FIND_LINKS) -c constraints/ci.txt -e ".[bench]"
+	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps "libauc==2.0.1"
+	$(BIN)/python -m benchmarks.run $(BENCH_ARGS)

@@ -8,7 +8,8 @@ notebooks from ``_build/executed/`` (the papermill-injected parameters cell hidd
 ``lib/`` so that ``literalinclude`` shows the library's code, a ``_config.yml`` whose launch
 buttons point at the published Colab notebooks, and ``intro.md`` with the table of chapters
 generated from the chapters' records (``_build/reports/records/ci``) and the full-scale runs
-recorded in ``results/``. Then runs ``jupyter-book build`` and copies the Colab notebooks
+recorded in ``results/``, and ``performance.md`` with the benchmark tables and figures generated from
+``results/benchmarks/`` (``tools/perf_page.py``). Then runs ``jupyter-book build`` and copies the Colab notebooks
 (``tools/colab.py``) into the site under the configured folder.
 """
 from __future__ import annotations
@@ -25,6 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
 
 import colab  # noqa: E402
+import perf_page  # noqa: E402
 from run_chapters import chapter_id, toc_chapters  # noqa: E402
 
 TABLE_MARKER = "<!-- chapter-table -->"
@@ -102,9 +104,11 @@ def stage(executed: Path, stage_dir: Path, records_dir: Path) -> None:
     (stage_dir / "_config.yml").write_text(yaml.safe_dump(staged_config(config), sort_keys=False))
     for name in ("_toc.yml", "references.bib", "references.md"):
         shutil.copy(ROOT / name, stage_dir / name)
-    for extra in ("_static", "performance.md"):
-        if (ROOT / extra).exists():
-            (shutil.copytree if (ROOT / extra).is_dir() else shutil.copy)(ROOT / extra, stage_dir / extra)
+    if (ROOT / "_static").exists():
+        shutil.copytree(ROOT / "_static", stage_dir / "_static")
+    # the Performance page: its tables and figures generated from results/benchmarks/*.json
+    (stage_dir / "performance.md").write_text(
+        perf_page.page((ROOT / "performance.md").read_text(), figures_dir=stage_dir / "figures"))
     intro = (ROOT / "intro.md").read_text()
     if TABLE_MARKER not in intro:
         raise ValueError(f"intro.md must contain {TABLE_MARKER}")

@@ -70,7 +70,7 @@ def batch(seed=0, B=12, K=7, scale=3.0):
 def test_ldr_matches_loop_reference(lam, margin, normalize):
     f, y = batch()
     got = ldr_kl_loss(f, y, lam=lam, margin=margin, normalize=normalize, reduction="none")
-    torch.testing.assert_close(got, ref_ldr(f, y, lam, margin, normalize), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got, ref_ldr(f, y, lam, margin, normalize), rtol=1e-10, atol=1e-11)
 
 
 def test_per_instance_lambda_matches_reference():

@@ -7,7 +7,7 @@ from hypothesis import given, settings, strategies as st
 
 from lossbook.encoders import ContrastiveNet, ConvEncoder, ProjectionHead, StackedContrastiveNet
 from lossbook.representation.contrastive_temperature import (
-    hard_info_nce, info_nce, info_nce_similarity_grad, masked_info_nce, negative_weights, simclr_masks, tolerance,
+    hard_info_nce, info_nce, info_nce_similarity_grad, masked_info_nce, negative_weights, simclr_masks, supcon_loss, tolerance,
     train_contrastive, train_contrastive_stacked, uniformity, weight_entropy)
 
 
@@ -205,3 +205,63 @@ def test_cuda_matches_cpu():
         info_nce(z.float().requires_grad_(), z2.cuda().float(), 0.2).backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def reference_supcon(emb, labels, tau):
+    """Loop transcription in float64: each anchor with a positive, averaged over its positives of
+    -log(e^{s_ip/tau} / sum_{a != i} e^{s_ia/tau})."""
+    z = F.normalize(emb.double(), dim=1).tolist()
+    y = labels.tolist()
+    dot = lambda a, b: sum(p * q for p, q in zip(a, b))  # noqa: E731
+    out = []
+    for i in range(len(z)):
+        pos = [p for p in range(len(z)) if p != i and y[p] == y[i]]
+        if not pos:
+            out.append(0.0)
+            continue
+        denom = sum(math.exp(dot(z[i], z[a]) / tau) for a in range(len(z)) if a != i)
+        out.append(-sum(math.log(math.exp(dot(z[i], z[p]) / tau) / denom) for p in pos) / len(pos))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+@given(n=st.integers(2, 12), k=st.integers(1, 5), tau=st.floats(0.05, 2.0), seed=st.integers(0, 2**16))
+@settings(max_examples=25, deadline=None)
+def test_supcon_matches_loop_reference(n, k, tau, seed):
+    g = torch.Generator().manual_seed(seed)
+    emb = torch.randn(n, 3, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, k, (n,), generator=g)
+    ref = reference_supcon(emb, labels, tau)
+    torch.testing.assert_close(supcon_loss(emb, labels, tau, reduction="none"), ref)
+    has = torch.tensor([(labels == labels[i]).sum() > 1 for i in range(n)])
+    torch.testing.assert_close(supcon_loss(emb, labels, tau, reduction="sum"), ref[has].sum())
+    if has.any():
+        torch.testing.assert_close(supcon_loss(emb, labels, tau), ref[has].mean())
+
+
+def test_supcon_with_two_views_is_info_nce_and_has_gradients():
+    z1, z2 = rand_views(7, 5, seed=3)
+    z1.requires_grad_(True)
+    labels = torch.arange(7).repeat(2)
+    torch.testing.assert_close(supcon_loss(torch.cat([z1, z2]), labels, 0.3), info_nce(z1, z2, 0.3))
+    supcon_loss(torch.cat([z1, z2]), labels, 0.3).backward()
+    assert z1.grad is not None and torch.isfinite(z1.grad).all() and z1.grad.abs().sum() > 0
+
+
+def test_supcon_rejects_bad_input():
+    z = torch.randn(4, 3)
+    with pytest.raises(ValueError, match="labels"):
+        supcon_loss(z, torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="labels"):
+        supcon_loss(z, torch.zeros(4))
+    with pytest.raises(ValueError, match="emb"):
+        supcon_loss(z[0], torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match="reduction"):
+        supcon_loss(z, torch.zeros(4, dtype=torch.long), reduction="avg")
+    with pytest.raises(ValueError):
+        supcon_loss(z, torch.zeros(4, dtype=torch.long), tau=0.0)
+
+
+@pytest.mark.gpu
+def test_supcon_cuda_matches_cpu():
+    z, y = torch.randn(32, 8), torch.arange(32) % 5
+    torch.testing.assert_close(supcon_loss(z.cuda(), y.cuda()).cpu(), supcon_loss(z, y))

@@ -120,8 +120,9 @@ def _gaps(logits: torch.Tensor, target: torch.Tensor, margin: float) -> torch.Te
 
 
 def _ldr_from_gaps(a: torch.Tensor, lam: float | torch.Tensor) -> torch.Tensor:
-    r""":math:`\lambda \log \frac1K \sum_k e^{a_k/\lambda}` per row; ``lam`` a float > 0 or a (B, 1)
-    tensor > 0, where ``inf`` gives the mean-gap limit exactly."""
+    r""":math:`\lambda \log \frac1K \sum_k e^{a_k/\lambda}` per row from the gaps (the definition; kept
+    as the reference the fast form is tested against); ``lam`` a float > 0 or a (B, 1) tensor > 0,
+    where ``inf`` gives the mean-gap limit exactly."""
     log_k = math.log(a.shape[1])
     if not isinstance(lam, torch.Tensor):
         return a.mean(dim=1) if math.isinf(lam) else lam * (torch.logsumexp(a / lam, dim=1) - log_k)
@@ -129,6 +130,43 @@ def _ldr_from_gaps(a: torch.Tensor, lam: float | torch.Tensor) -> torch.Tensor:
     safe = torch.where(inf, torch.ones_like(lam), lam)
     soft = safe.squeeze(1) * (torch.logsumexp(a / safe, dim=1) - log_k)
     return torch.where(inf.squeeze(1), a.mean(dim=1), soft)
+
+
+def _ldr_rows(s: torch.Tensor, target: torch.Tensor, lam: float | torch.Tensor, margin: float) -> torch.Tensor:
+    r"""The same value as :func:`_ldr_from_gaps` of :func:`_gaps`, without forming the gaps.
+
+    The target's own gap is 0 and every other gap is :math:`c + f_k - f_y`, so with
+    :math:`R = \log \sum_{k \ne y} e^{f_k / \lambda}`
+
+    .. math::
+        \ell_\lambda = \lambda\, \mathrm{softplus}\Big(\frac{c - f_y}{\lambda} + R\Big) - \lambda \log K ,
+
+    one log-softmax over the (B, K) scores with the target masked out (as cheap as cross-entropy's)
+    and a few operations on the B rows; exact for any :math:`\lambda` and margin.
+    """
+    k = s.shape[1]
+    idx = target.long().unsqueeze(1)
+    if isinstance(lam, torch.Tensor):
+        inf = torch.isinf(lam).squeeze(1)
+        lam_c = torch.where(torch.isinf(lam), torch.ones_like(lam), lam)
+        z, lam_r = s / lam_c, lam_c.squeeze(1)
+    else:
+        if math.isinf(lam):
+            return margin * (k - 1) / k + s.mean(dim=1) - s.gather(1, idx).squeeze(1)
+        inf, lam_r = None, lam
+        z = s if lam == 1.0 else s / lam
+    if k == 1:
+        return torch.zeros_like(s[:, 0])
+    # R: the log-sum-exp of the other classes, read off the fused log-softmax of the masked scores at
+    # one other column j (R = z_j - log softmax_j), which is faster than torch.logsumexp on the CPU
+    masked = z.scatter(1, idx, float("-inf"))
+    j = (idx + 1) % k
+    rest = (masked.gather(1, j) - masked.log_softmax(dim=1).gather(1, j)).squeeze(1)
+    z_y = z.gather(1, idx).squeeze(1)
+    out = lam_r * (torch.nn.functional.softplus(margin / lam_r - z_y + rest) - math.log(k))
+    if inf is not None:
+        out = torch.where(inf, margin * (k - 1) / k + s.mean(dim=1) - s.gather(1, idx).squeeze(1), out)
+    return out
 
 
 def ldr_kl_weights(logits: torch.Tensor, target: torch.Tensor, *, lam: float | torch.Tensor = 1.0,
@@ -184,7 +222,7 @@ def ldr_kl_loss(logits: torch.Tensor, target: torch.Tensor, *, lam: float | torc
     margin = _check_real("margin", margin)
     s = normalize_scores(logits, normalize)
     lam_v = _lam_tensor(lam, s) if isinstance(lam, torch.Tensor) else _check_real("lam", lam, strict=True, allow_inf=True)
-    return _reduce(_ldr_from_gaps(_gaps(s, target, margin), lam_v), reduction)
+    return _reduce(_ldr_rows(s, target, lam_v, margin), reduction)
 
 
 class LDRKLLoss(nn.Module):
@@ -236,8 +274,8 @@ def aldr_kl_lambda(logits: torch.Tensor, target: torch.Tensor, *, lam0: float = 
     """
     _check_logits_target(logits, target)
     lam0, alpha, margin, n_iter = _check_aldr(lam0, alpha, margin, n_iter)
-    a = _gaps(normalize_scores(logits.detach(), normalize), target, margin)
-    return _iterate_lambda(a, lam0, alpha, n_iter, lam_init)
+    return _iterate_lambda(normalize_scores(logits.detach(), normalize), target, margin, lam0, alpha, n_iter,
+                           lam_init)
 
 
 def _check_aldr(lam0: float, alpha: float, margin: float, n_iter: int) -> tuple[float, float, float, int]:
@@ -249,10 +287,13 @@ def _check_aldr(lam0: float, alpha: float, margin: float, n_iter: int) -> tuple[
     return lam0, alpha, margin, n_iter
 
 
-def _iterate_lambda(a: torch.Tensor, lam0: float, alpha: float, n_iter: int,
-                    lam_init: torch.Tensor | None) -> torch.Tensor:
-    """n_iter applications of T to the detached gaps ``a`` (B, K); returns (B,)."""
-    a = a.detach()
+def _iterate_lambda(s: torch.Tensor, target: torch.Tensor, margin: float, lam0: float, alpha: float,
+                    n_iter: int, lam_init: torch.Tensor | None) -> torch.Tensor:
+    r"""n_iter applications of T to the detached scores ``s`` (B, K); returns (B,). The softmax of the
+    gaps :math:`a / \lambda` is that of :math:`(s - c e_y) / \lambda` (a shift per row), so the gaps are
+    not formed."""
+    idx = target.long().unsqueeze(1)
+    a = s.detach().scatter_add(1, idx, torch.full(idx.shape, -margin, dtype=s.dtype, device=s.device))
     K = a.shape[1]
     log_k = math.log(K)
     lam = _lam_tensor(lam0 if lam_init is None else lam_init, a, "lam_init")
@@ -288,16 +329,17 @@ def aldr_kl_loss(logits: torch.Tensor, target: torch.Tensor, *, lam0: float = 1.
     _check_reduction(reduction)
     _check_logits_target(logits, target)
     lam0, alpha, margin, n_iter = _check_aldr(lam0, alpha, margin, n_iter)
-    a = _gaps(normalize_scores(logits, _check_normalize(normalize)), target, margin)   # one pass for both
-    lam = _iterate_lambda(a, lam0, alpha, n_iter, lam_init)
-    return _reduce(_aldr_from_gaps(a, lam, lam0, alpha), reduction)
+    s = normalize_scores(logits, _check_normalize(normalize))
+    lam = _iterate_lambda(s, target, margin, lam0, alpha, n_iter, lam_init)
+    return _reduce(_aldr_rows(s, target, margin, lam, lam0, alpha), reduction)
 
 
-def _aldr_from_gaps(a: torch.Tensor, lam: torch.Tensor, lam0: float, alpha: float) -> torch.Tensor:
-    """ell_lam(a) - alpha log K / (2 lam0) (lam - lam0)^2 per row, lam (B,) held fixed."""
+def _aldr_rows(s: torch.Tensor, target: torch.Tensor, margin: float, lam: torch.Tensor, lam0: float,
+               alpha: float) -> torch.Tensor:
+    """ell_lam - alpha log K / (2 lam0) (lam - lam0)^2 per row, lam (B,) held fixed."""
     lam = lam.detach()
-    penalty = alpha * math.log(a.shape[1]) / (2.0 * lam0) * (lam - lam0).square()
-    return _ldr_from_gaps(a, lam.unsqueeze(1)) - penalty
+    penalty = alpha * math.log(s.shape[1]) / (2.0 * lam0) * (lam - lam0).square()
+    return _ldr_rows(s, target, lam.unsqueeze(1), margin) - penalty
 
 
 class ALDRKLLoss(nn.Module):
@@ -338,12 +380,12 @@ class ALDRKLLoss(nn.Module):
                 raise ValueError("index needs a loss built with n_samples (one lambda per training instance)")
             lam_init = self.lambdas[index]
         _check_logits_target(logits, target)
-        a = _gaps(normalize_scores(logits, self.normalize), target, self.margin)
-        lam = _iterate_lambda(a, self.lam0, self.alpha, self.n_iter, lam_init)
+        s = normalize_scores(logits, self.normalize)
+        lam = _iterate_lambda(s, target, self.margin, self.lam0, self.alpha, self.n_iter, lam_init)
         if index is not None:
             self.lambdas[index] = lam.to(self.lambdas)
         self.last_lambda = lam
-        return _reduce(_aldr_from_gaps(a, lam, self.lam0, self.alpha), self.reduction)
+        return _reduce(_aldr_rows(s, target, self.margin, lam, self.lam0, self.alpha), self.reduction)
 
     def extra_repr(self) -> str:
         return (f"lam0={self.lam0}, alpha={self.alpha}, margin={self.margin}, normalize={self.normalize!r}, "

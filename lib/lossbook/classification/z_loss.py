@@ -148,8 +148,11 @@ def z_loss(logits: torch.Tensor, target: torch.Tensor, *, a: float = 1.0, b: flo
     a, b = _check_positive("a", a), _check_real("b", b)
     _check_reduction(reduction)
     x = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
-    var, mu = torch.var_mean(x, dim=1, correction=0)          # two-pass: exact shift invariance
-    z_c = (x.gather(1, target[:, None]).squeeze(1) - mu) / torch.sqrt(var.clamp(min=torch.finfo(x.dtype).tiny))
+    # two passes (mean, then the centred squares): exact shift invariance; written out because the
+    # backward of torch.var_mean is about twice as slow on the CPU
+    d = x - x.mean(dim=1, keepdim=True)
+    var = d.square().mean(dim=1)
+    z_c = d.gather(1, target[:, None]).squeeze(1) / torch.sqrt(var.clamp(min=torch.finfo(x.dtype).tiny))
     return _reduce(_softplus(a * (b - z_c)) / a, reduction)
 
 
@@ -201,8 +204,9 @@ def log_taylor_softmax_loss(logits: torch.Tensor, target: torch.Tensor, *, reduc
     _check_reduction(reduction)
     x = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
     o_c = x.gather(1, target[:, None]).squeeze(1)
-    taylor = lambda v: 1.0 + v + 0.5 * v.square()  # noqa: E731  (>= 1/2 everywhere)
-    loss = torch.log(taylor(x).sum(1)) - torch.log(taylor(o_c))
+    # the denominator from the row sums s and q (the (N, D) polynomial is not formed: 2-3x faster)
+    s, q = x.sum(1), x.square().sum(1)
+    loss = torch.log(x.shape[1] + s + 0.5 * q) - torch.log(1.0 + o_c + 0.5 * o_c.square())   # both >= 1/2
     return _reduce(loss, reduction)
 
 

@@ -32,10 +32,10 @@ from torch import nn
 
 from ..augment import augment
 
-from .._checks import reduce as _reduce
+from .._checks import check_reduction as _check_reduction, reduce as _reduce
 
 __all__ = ["hard_info_nce", "info_nce", "info_nce_similarity_grad", "masked_info_nce", "negative_weights",
-           "simclr_masks", "tolerance", "train_contrastive", "train_contrastive_stacked", "uniformity",
+           "simclr_masks", "supcon_loss", "tolerance", "train_contrastive", "train_contrastive_stacked", "uniformity",
            "weight_entropy"]
 
 
@@ -170,6 +170,55 @@ def info_nce(z1: torch.Tensor, z2: torch.Tensor, tau: float = 0.2, *, reduction:
     sim = _views_similarity(z1, z2)
     pos, neg = simclr_masks(z1.shape[-2], sim.device)
     return masked_info_nce(sim, pos, neg, tau, reduction=reduction)
+
+
+def supcon_loss(emb: torch.Tensor, labels: torch.Tensor, tau: float = 0.1, *,
+                reduction: str = "mean") -> torch.Tensor:
+    r"""The supervised contrastive loss: every other example of the anchor's class is a positive,
+
+    .. math::
+        \mathcal L_i = -\frac{1}{|P(i)|} \sum_{p \in P(i)} \Big( \frac{s_{i,p}}{\tau}
+        - \log \sum_{a \ne i} e^{s_{i,a}/\tau} \Big),
+
+    :math:`P(i)` the other examples labelled :math:`y_i` and :math:`s` the cosine similarities. It is
+    :func:`masked_info_nce` with several positives per row, computed from the ``(N, N)`` similarity
+    matrix and the label masks of :func:`lossbook.retrieval.pair_masks` (no list of pairs): one
+    log-sum-exp per row, so time and memory are :math:`O(N^2)` whatever the number of positives. With
+    two views per label (``labels = [0..N-1, 0..N-1]``) it equals :func:`info_nce`.
+
+    Args:
+        emb: ``(N, d)`` embeddings (normalised inside).
+        labels: ``(N,)`` integer labels.
+        tau: temperature :math:`\tau > 0`.
+        reduction: ``"mean"`` over the anchors that have a positive, ``"sum"`` over them, or ``"none"``
+            (shape ``(N,)``, zero for an anchor without positive).
+
+    Example::
+
+        >>> z = torch.randn(6, 3); y = torch.tensor([0, 1, 2, 0, 1, 2])
+        >>> torch.allclose(supcon_loss(z, y, 0.5), info_nce(z[:3], z[3:], 0.5))
+        True
+    """
+    if emb.dim() != 2 or not emb.is_floating_point():
+        raise ValueError(f"emb must be a floating-point (N, d) tensor, got {emb.dtype} {tuple(emb.shape)}")
+    if labels.shape != emb.shape[:1] or labels.is_floating_point():
+        raise ValueError(f"labels must be an integer tensor of shape ({emb.shape[0]},), got "
+                         f"{labels.dtype} {tuple(labels.shape)}")
+    tau = _check_tau(tau)
+    _check_reduction(reduction)
+    z = F.normalize(emb, dim=-1)
+    logits = (z @ z.T) / tau
+    eye = torch.eye(len(labels), dtype=torch.bool, device=emb.device)
+    pos = (labels[:, None] == labels[None, :]) & ~eye
+    n_pos = pos.sum(-1)
+    lse = logits.masked_fill(eye, float("-inf")).logsumexp(-1)
+    pos_mean = logits.masked_fill(~pos, 0.0).sum(-1) / n_pos.clamp(min=1)
+    has = n_pos > 0
+    loss = torch.where(has, lse - pos_mean, torch.zeros_like(lse))
+    if reduction == "none":
+        return loss
+    total = loss.sum()
+    return total if reduction == "sum" else total / has.sum().clamp(min=1)
 
 
 def hard_info_nce(z1: torch.Tensor, z2: torch.Tensor, tau: float = 0.2, *, keep: float = 0.25,
