@@ -79,3 +79,20 @@ def test_timings_report_has_every_chapter_within_budget():
         r = rep[f"{cid}@ci"]
         assert r["status"] == "ok" and r["peak_mem_mb"] > 0
         assert r["wall_s"] <= 40, f"{cid} took {r['wall_s']} s at SCALE=ci (budget 20 s on 2 cores)"
+
+
+def test_performance_page_shows_every_recorded_benchmark():
+    import html as html_lib
+
+    import perf_page
+    text = html_lib.unescape(re.sub(r"<[^>]+>", "", (HTML / "performance.html").read_text()))
+    docs = perf_page.load()
+    if not docs:
+        assert "make bench" in text
+    for doc in docs:
+        assert doc["hardware"] in text and doc["date"] in text and doc["commit"] in text
+        for r in doc["records"]:
+            row = f"{r['name']} {perf_page.fmt_sizes(r['sizes'])} {perf_page.fmt_time(r['ours']['median_s'])}"
+            assert " ".join(row.split()) in " ".join(text.split()), f"not on the Performance page: {row}"
+            if r.get("theirs"):
+                assert perf_page.fmt_time(r["theirs"]["median_s"]) in text
