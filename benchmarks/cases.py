@@ -363,6 +363,57 @@ def unpg_cases(device, quick: bool = False) -> Iterator[Case]:
                    peer=f"pytorch-metric-learning {ver} CosFaceLoss", extra=_why(name))
 
 
+# --------------------------------------------------------------------------- iSogCLR
+def isogclr_cases(device, quick: bool = False) -> Iterator[Case]:
+    """The iSogCLR loss with its per-sample state (moving average u, temperature, momentum) updated by
+    index on the inputs' device, against LibAUC's ``GCLoss_v1(enable_isogclr=True)``, which keeps
+    that state on the CPU. Same hyper-parameters (LibAUC's defaults, no gradient clip); gamma is 1,
+    the value LibAUC's loss uses until ``adjust_gamma`` is called. Forward, backward and the state
+    update, on a dataset of 50,000 samples."""
+    if not have("libauc"):
+        print("isogclr: LibAUC is not installed (pip install --no-deps libauc); skipped")
+        return
+    import libauc
+    from libauc.losses import GCLoss_v1
+
+    from lossbook.representation.isogclr import ISogCLRLoss
+
+    n_data, d = (512, 16) if quick else (50_000, 128)
+    hp = dict(rho=0.3, eta=0.01, beta=0.9, tau_min=0.05, tau_max=0.7)
+    for b in ([32] if quick else [256, 1024, 4096]):
+        def build(dev, dtype, b=b):
+            g = _gen(b)
+            z1, z2 = torch.randn(b, d, generator=g), torch.randn(b, d, generator=g)
+            index = torch.randperm(n_data, generator=g)[:b].to(dev)
+            a1, a2, p1, p2 = (_leaf(z, dev, dtype) for z in (z1, z2, z1, z2))
+
+            def make_ours():
+                return ISogCLRLoss(n_data, gamma=1.0, tau_init=0.1, grad_clip=None, **hp).to(dev, dtype)
+
+            def make_theirs():
+                loss = GCLoss_v1(N=n_data, tau=0.1, gamma=1.0, enable_isogclr=True, device=dev, **hp)
+                for name in ("u", "learnable_tau", "grad_tau"):      # its CPU state, in the inputs' dtype
+                    setattr(loss, name, getattr(loss, name).to(dtype))
+                return loss
+            ours_fn, theirs_fn = make_ours(), make_theirs()
+
+            # the two return different surrogate *values* (LibAUC's is linear in the similarities, ours
+            # is the estimate -s+ + tau log u); their gradients are the same estimator, compared here.
+            # LibAUC sums the two views where we average: a factor 2.
+            def ours_values():
+                return loss_and_grads(lambda: 2 * make_ours()(a1, a2, index), [a1, a2])()[1:]
+
+            def theirs_values():
+                return loss_and_grads(lambda: make_theirs()(p1, p2, index), [p1, p2])()[1:]
+            return (Impl("lossbook ISogCLRLoss", forward_backward(lambda: ours_fn(a1, a2, index), [a1, a2]),
+                         ours_values),
+                    Impl("LibAUC GCLoss_v1(enable_isogclr)", forward_backward(lambda: theirs_fn(p1, p2, index),
+                                                                              [p1, p2]), theirs_values))
+        yield Case("isogclr", "iSogCLR (individual temperatures)", {"B": b, "D": d, "n_data": n_data}, build,
+                   peer=f"LibAUC {libauc.__version__} GCLoss_v1", same_definition=True,
+                   note="gradients of the first call from a fresh state compared (the surrogate values differ)")
+
+
 SUITES = {
     "classification": classification_cases,
     "contrastive": contrastive_cases,
@@ -370,4 +421,5 @@ SUITES = {
     "mfac": mfac_cases,
     "optimizers": optimizer_cases,
     "unpg": unpg_cases,
+    "isogclr": isogclr_cases,
 }
