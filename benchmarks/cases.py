@@ -146,7 +146,8 @@ def contrastive_cases(device, quick: bool = False) -> Iterator[Case]:
             return (_loss_impl("lossbook info_nce", lambda: info_nce(a[: n // 2], a[n // 2:], tau), [a]),
                     _loss_impl("PML NTXentLoss", lambda: peer(b, labels), [b]))
         yield Case("contrastive", "InfoNCE / NT-Xent", {"N": n, "D": d}, build_nt,
-                   peer=f"pytorch-metric-learning {ver} NTXentLoss", same_definition=True)
+                   peer=f"pytorch-metric-learning {ver} NTXentLoss", same_definition=True, check=n == sizes[0][0],
+                   note="pml builds a (positive pairs x negative pairs) indicator: O(N^3) memory")
 
         def build_sc(dev, dtype, n=n, d=d):
             g = _gen(n * d)
@@ -157,7 +158,7 @@ def contrastive_cases(device, quick: bool = False) -> Iterator[Case]:
             return (_loss_impl("lossbook supcon_loss", lambda: supcon_loss(a, labels, tau), [a]),
                     _loss_impl("PML SupConLoss", lambda: peer(b, labels), [b]))
         yield Case("contrastive", "supervised contrastive", {"N": n, "D": d}, build_sc,
-                   peer=f"pytorch-metric-learning {ver} SupConLoss", same_definition=True,
+                   peer=f"pytorch-metric-learning {ver} SupConLoss", same_definition=True, check=n == sizes[0][0],
                    note="16 examples per class on average")
 
 
@@ -196,7 +197,7 @@ def metric_cases(device, quick: bool = False) -> Iterator[Case]:
                 return pair_loss(similarity_matrix(a), pos, neg, loss="contrastive", margin=0.5).sum()
             return _loss_impl("lossbook pair_loss", ours, [a]), _loss_impl("PML ContrastiveLoss", lambda: peer(b, y), [b])
         yield Case("metric", "contrastive (pairs)", {"N": n, "D": d}, build_con,
-                   peer=f"pytorch-metric-learning {ver} ContrastiveLoss", same_definition=True,
+                   peer=f"pytorch-metric-learning {ver} ContrastiveLoss", same_definition=True, check=n == ns[0],
                    note="cosine similarity, margin 0.5, summed over pairs")
 
         def build_ms(dev, dtype, n=n):
@@ -209,7 +210,7 @@ def metric_cases(device, quick: bool = False) -> Iterator[Case]:
             return (_loss_impl("lossbook pair_loss", ours, [a]),
                     _loss_impl("PML MultiSimilarityLoss", lambda: peer(b, y), [b]))
         yield Case("metric", "multi-similarity", {"N": n, "D": d}, build_ms,
-                   peer=f"pytorch-metric-learning {ver} MultiSimilarityLoss", same_definition=True)
+                   peer=f"pytorch-metric-learning {ver} MultiSimilarityLoss", same_definition=True, check=n == ns[0])
 
         def build_tcm(dev, dtype, n=n):
             a, b, y = data(n, dev, dtype)
@@ -217,7 +218,8 @@ def metric_cases(device, quick: bool = False) -> Iterator[Case]:
             return (_loss_impl("lossbook tcm_loss", lambda: tcm_loss(a, y), [a]),
                     _loss_impl("PML ThresholdConsistentMarginLoss", lambda: peer(b, y), [b]))
         yield Case("metric", "TCM regulariser", {"N": n, "D": d}, build_tcm,
-                   peer=f"pytorch-metric-learning {ver} ThresholdConsistentMarginLoss", same_definition=True)
+                   peer=f"pytorch-metric-learning {ver} ThresholdConsistentMarginLoss", same_definition=True,
+                   check=n == ns[0])
 
 
 # --------------------------------------------------------------------------- M-FAC

@@ -54,6 +54,7 @@ class Case:
     same_definition: bool = False
     note: str = ""
     extra: dict = field(default_factory=dict)
+    check: bool = True          # run the float64 agreement check for this size (costly for large pair losses)
 
     @property
     def key(self) -> str:
@@ -148,26 +149,45 @@ def measure(case: Case, device: torch.device, *, dtype: torch.dtype = torch.floa
     rec = {"suite": case.suite, "name": case.name, "sizes": case.sizes, "peer": case.peer,
            "same_definition": case.same_definition, "dtype": str(dtype).replace("torch.", ""), "note": case.note,
            **case.extra}
-    if check and case.same_definition:
-        ours64, peer64 = case.build(device, torch.float64)
-        rec["max_abs_diff"], rec["max_rel_diff"] = max_differences(ours64.values(), peer64.values())
-        del ours64, peer64
+    if case.same_definition and not case.check:
+        rec["check"] = "compared at the smallest size"
+    if check and case.same_definition and case.check:
+        try:
+            ours64, peer64 = case.build(device, torch.float64)
+            rec["max_abs_diff"], rec["max_rel_diff"] = max_differences(ours64.values(), peer64.values())
+            del ours64, peer64
+        except (torch.OutOfMemoryError, RuntimeError) as err:
+            if not _out_of_memory(err):
+                raise
+            rec["check"] = "out of memory in float64"
+            gc.collect()
     ours, peer = case.build(device, dtype)
     sides = [("ours", ours)] + ([("theirs", peer)] if peer is not None else [])
     for side, impl in sides:
         rec[side] = {"label": impl.label}
-        if timing:
-            rec[side].update(time_fn(impl.fn, min_run_time))
-            if not math.isfinite(rec[side]["median_s"]):
-                raise RuntimeError(f"{case.key}: non-finite time for {side}")
-        if memory:
-            rec[side]["peak_bytes"] = peak_memory(impl.fn, device)
+        try:
+            if timing:
+                rec[side].update(time_fn(impl.fn, min_run_time))
+                if not math.isfinite(rec[side]["median_s"]):
+                    raise RuntimeError(f"{case.key}: non-finite time for {side}")
+            if memory:
+                rec[side]["peak_bytes"] = peak_memory(impl.fn, device)
+        except (torch.OutOfMemoryError, RuntimeError) as err:
+            if not _out_of_memory(err):
+                raise
+            rec[side] = {"label": impl.label, "error": "out of memory"}   # a result too: it did not fit
+            gc.collect()
     del ours, peer, sides
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
     ratios(rec)
     return rec
+
+
+def _out_of_memory(err: BaseException) -> bool:
+    return isinstance(err, torch.OutOfMemoryError) or "can't allocate memory" in str(err) \
+        or "out of memory" in str(err).lower()
 
 
 def ratios(rec: dict) -> dict:

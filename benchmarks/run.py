@@ -83,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         peaks = {}
         for case in _cases(SUITES, args, device):
             rec = harness.measure(case, device, check=False, timing=False)
-            peaks[case.key] = {side: rec[side]["peak_bytes"] for side in ("ours", "theirs") if side in rec}
+            peaks[case.key] = {side: rec[side].get("peak_bytes", rec[side].get("error"))
+                               for side in ("ours", "theirs") if side in rec}
         args.memory_only.write_text(json.dumps(peaks))
         return 0
 
@@ -110,13 +111,20 @@ def main(argv: list[str] | None = None) -> int:
         t = time.perf_counter()
         rec = harness.measure(case, device, min_run_time=min_run, memory=device.type == "cuda")
         for side, b in peaks.get(case.key, {}).items():
-            rec[side]["peak_bytes"] = b
+            if isinstance(b, str):                      # the memory pass found it does not fit
+                rec[side] = {"label": rec[side]["label"], "error": b}
+            elif "error" not in rec[side]:
+                rec[side]["peak_bytes"] = b
         harness.ratios(rec)
         records.append(rec)
         ratio = rec.get("time_ratio")
         diff = f" max rel diff {rec['max_rel_diff']:.1e}" if "max_rel_diff" in rec else ""
         mem = rec.get("memory_ratio")
+        if "error" in rec["ours"]:
+            print(f"{case.key:<70} ours: {rec['ours']['error']}", flush=True)
+            continue
         print(f"{case.key:<70} ours {rec['ours']['median_s'] * 1e3:9.3f} ms"
+              + (f"  peer: {rec['theirs']['error']}" if "error" in rec.get("theirs", {}) else "")
               + (f"  x{ratio:6.2f} of peer" if ratio else "")
               + (f"  mem x{mem:5.2f}" if mem else "") + diff + f"  ({time.perf_counter() - t:.1f} s)",
               flush=True)

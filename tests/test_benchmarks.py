@@ -92,13 +92,17 @@ def _rec(name, ours_s, theirs_s, n, why=None, suite="contrastive"):
 def test_page_is_generated_from_the_results(tmp_path):
     res = tmp_path / "results"
     res.mkdir()
-    recs = [_rec("InfoNCE", 0.002, 0.004, 256), _rec("InfoNCE", 0.010, 0.005, 1024, why="because of Y")]
+    oom = _rec("InfoNCE", 0.05, 1.0, 4096)
+    oom["theirs"] = {"label": "peer", "error": "out of memory"}
+    oom["time_ratio"] = oom["memory_ratio"] = None
+    recs = [_rec("InfoNCE", 0.002, 0.004, 256), _rec("InfoNCE", 0.010, 0.005, 1024, why="because of Y"), oom]
     (res / "cpu.json").write_text(json.dumps(_doc(recs)))
     text = perf_page.page("# P\n\n" + perf_page.MARKER + "\n", res, tmp_path / "figures")
     assert perf_page.MARKER not in text and "## Test CPU, 2 threads" in text and "2026-12-02" in text
     assert "| InfoNCE | N=256, D=128 | 2 ms | peer X | 4 ms | 0.50× |" in text
     assert "| **2.00×** |" in text and "**3.00×**" in text                       # over 1.2: bold
     assert "because of Y" in text and "1e-15" in text
+    assert "| InfoNCE | N=4,096, D=128 | 50 ms | peer X | out of memory | – |" in text
     assert (tmp_path / "figures" / "performance-cpu.png").stat().st_size > 10_000
     assert "figures/performance-cpu.png" in text
 

@@ -80,9 +80,17 @@ def fmt_sizes(sizes: dict) -> str:
 
 
 def fmt_diff(rec: dict) -> str:
-    if "max_rel_diff" not in rec:
-        return "not compared" if rec.get("theirs") else "–"
-    return f"{rec['max_rel_diff']:.0e}"
+    if "max_rel_diff" in rec:
+        return f"{rec['max_rel_diff']:.0e}"
+    if rec.get("check"):
+        return rec["check"]
+    return "not compared" if rec.get("theirs") else "–"
+
+
+def fmt_side_time(side: dict | None) -> str:
+    if not side:
+        return "–"
+    return side["error"] if "error" in side else fmt_time(side.get("median_s"))
 
 
 def _cell(txt: str) -> str:
@@ -95,8 +103,8 @@ def table(records: list[dict]) -> str:
     for r in records:
         th = r.get("theirs") or {}
         rows.append("| " + " | ".join(_cell(x) for x in (
-            r["name"], fmt_sizes(r["sizes"]), fmt_time(r["ours"]["median_s"]), r.get("peer") or "–",
-            fmt_time(th.get("median_s")), fmt_ratio(r.get("time_ratio")), fmt_bytes(r["ours"].get("peak_bytes")),
+            r["name"], fmt_sizes(r["sizes"]), fmt_side_time(r["ours"]), r.get("peer") or "–",
+            fmt_side_time(th), fmt_ratio(r.get("time_ratio")), fmt_bytes(r["ours"].get("peak_bytes")),
             fmt_bytes(th.get("peak_bytes")), fmt_ratio(r.get("memory_ratio")), fmt_diff(r))) + " |")
     return "\n".join(rows)
 
@@ -109,7 +117,8 @@ def figure(doc: dict, path: Path) -> bool:
 
     panels = []
     for suite, axis in (("classification", "C"), ("contrastive", "N"), ("metric", "N")):
-        recs = [r for r in doc["records"] if r["suite"] == suite and axis in r["sizes"] and r.get("theirs")]
+        recs = [r for r in doc["records"] if r["suite"] == suite and axis in r["sizes"]
+                and "median_s" in r["ours"]]
         if recs:
             panels.append((suite, axis, recs))
     if not panels:
@@ -127,7 +136,9 @@ def figure(doc: dict, path: Path) -> bool:
             x = [r["sizes"][axis] for r in rs]
             label = name + (" (" + ", ".join(f"{k}={v}" for k, v in other) + ")" if other else "")
             line, = ax.plot(x, [r["ours"]["median_s"] * 1e3 for r in rs], "o-", lw=1.5, ms=3, label=label)
-            ax.plot(x, [r["theirs"]["median_s"] * 1e3 for r in rs], "s--", lw=1, ms=3, color=line.get_color())
+            peer = [(r["sizes"][axis], r["theirs"]["median_s"] * 1e3) for r in rs if "median_s" in (r.get("theirs") or {})]
+            if peer:
+                ax.plot(*zip(*peer), "s--", lw=1, ms=3, color=line.get_color())
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel(axis)
@@ -135,7 +146,8 @@ def figure(doc: dict, path: Path) -> bool:
         ax.set_title(suite, fontsize=10)
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=5.5, loc="upper left")
-    fig.suptitle(f"solid: lossbook, dashed: peer — {doc['hardware']}", fontsize=8)
+    fig.suptitle(f"solid: lossbook, dashed: peer (missing where the peer ran out of memory) — {doc['hardware']}",
+                 fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110, facecolor="white")
