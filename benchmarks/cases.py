@@ -39,12 +39,12 @@ WHY = {
                          "element-wise work and autograd nodes on the B target values; the (B, C) work is the "
                          "same log-softmax.",
     "comp-sum, tau=2 (MAE)": "as for tau=0.5: extra work on the B target values only.",
-    "LDR-KL": "not the same function: it needs the log-sum-exp of the non-target classes, i.e. a masked copy of "
-              "the (B, C) scores and autograd's generic gather/scatter backward where cross-entropy has one fused "
-              "kernel. Rewritten from the (B, C) matrix of gaps to this form it became about 2x faster; closing the "
-              "rest needs a fused kernel.",
-    "ALDR-KL": "as LDR-KL, plus the update of each example's lambda: one more softmax pass over (B, C) without "
-               "gradient.",
+    "LDR-KL": "not the same function: it needs the log-sum-exp of the non-target classes, so it makes a masked "
+              "copy of the (B, C) scores and keeps their log-softmax for a closed-form backward: one (B, C) pass "
+              "more than cross-entropy each way. It no longer forms the (B, C) matrix of gaps; where the loss is "
+              "memory-bound (large C) it runs at the speed of cross-entropy.",
+    "ALDR-KL": "as LDR-KL, plus the update of each example's lambda: a softmax, its entropy and a division by "
+               "each row's lambda over (B, C), without gradient.",
     "Z-loss": "not the same function: the mean and the standard deviation of every row are two reductions over "
               "(B, C) and their backward (written out in two passes, which halved the time of torch.var_mean's "
               "backward and keeps the loss exactly shift-invariant).",
@@ -52,9 +52,10 @@ WHY = {
                           "(B, C) polynomial is no longer formed (2-3x faster than before).",
     "log-spherical softmax": "not the same function: squares and sums every row of (B, C), plus the target's "
                              "terms.",
-    "EnsLoss (sampled calibrated derivative)": "not the same function: every example draws a random calibrated "
-                                               "derivative (random numbers and a Box-Cox transform per element, "
-                                               "about ten element-wise kernels) where BCE is one fused kernel.",
+    "EnsLoss (sampled calibrated derivative)": "not the same function: every batch draws a random calibrated "
+                                               "derivative, B normal draws and two sorts of B values (the k-th "
+                                               "smallest derivative goes to the k-th smallest margin), O(B log B) "
+                                               "where BCE is one element-wise pass.",
     "AnyLoss (F1)": "not the same function: the amplified sigmoid and the four sums of the soft confusion matrix, "
                     "several element-wise kernels over B where BCE is one fused kernel.",
     "SAM step (optimizer work only)": "SAM copies the weights, takes the global gradient norm, moves the weights "
@@ -65,7 +66,10 @@ WHY = {
                   "of m gradients and an m x m refactorisation each step, the method's cost by design.",
     "UNPG (CosFace + batch negatives, filtered)": "not the same function: UNPG adds the N x N matrix of batch "
                                                   "similarities, its whisker filter (two order statistics) and "
-                                                  "their log-sum-exp to the CosFace loss.",
+                                                  "their log-sum-exp to the CosFace loss; with many classes the "
+                                                  "N x C part dominates and the two cost the same.",
+    "ArcFace": "ArcFace keeps the (N, C) cosines and a copy with the target's angle shifted, the inputs of its "
+               "backward; the fused cross-entropy then needs its own (N, C) buffer.",
 }
 
 
@@ -349,7 +353,7 @@ def unpg_cases(device, quick: bool = False) -> Iterator[Case]:
                     pml_impl("PML ArcFaceLoss", peer, e2, y))
         yield Case("unpg", "ArcFace", {"N": n, "D": d, "C": c}, build_arc,
                    peer=f"pytorch-metric-learning {ver} ArcFaceLoss", same_definition=True,
-                   note="margin 0.5 rad (pml takes degrees)")
+                   note="margin 0.5 rad (pml takes degrees)", extra=_why("ArcFace"))
 
         def build_unpg(dev, dtype):
             e1, w1, e2, w2, y = data(dev, dtype)

@@ -71,7 +71,7 @@ def fmt_bytes(b: int | None) -> str:
 def fmt_ratio(r: float | None) -> str:
     if r is None:
         return "–"
-    txt = f"{r:.2f}×"
+    txt = f"{r:.2f}×" if r >= 0.1 else f"{r:.2g}×"
     return f"**{txt}**" if r > SLOW else txt
 
 

@@ -132,38 +132,60 @@ def _ldr_from_gaps(a: torch.Tensor, lam: float | torch.Tensor) -> torch.Tensor:
     return torch.where(inf.squeeze(1), a.mean(dim=1), soft)
 
 
+class _SoftplusGap(torch.autograd.Function):
+    r"""Per row, :math:`\mathrm{softplus}(u)` with :math:`u = c' - z_y + \log \sum_{k \ne y} e^{z_k}`, and
+    its gradient in closed form: :math:`\partial/\partial z = \sigma(u)\,(q - e_y)`, :math:`q` the softmax of
+    the non-target entries (zero at :math:`y`). Forward keeps one (B, K) log-softmax; backward writes
+    one (B, K) tensor, where autograd's generic gather/scatter backward would allocate and fill several."""
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, idx: torch.Tensor, c_over) -> torch.Tensor:
+        k = z.shape[1]
+        masked = z.scatter(1, idx, float("-inf"))
+        lsm = masked.log_softmax(dim=1)
+        j = (idx + 1) % k                                     # any non-target column: R = z_j - log q_j
+        rest = (masked.gather(1, j) - lsm.gather(1, j)).squeeze(1)
+        u = c_over - z.gather(1, idx).squeeze(1) + rest
+        ctx.save_for_backward(lsm, idx, u)
+        return torch.nn.functional.softplus(u)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        lsm, idx, u = ctx.saved_tensors
+        w = (grad_out * torch.sigmoid(u)).unsqueeze(1)
+        grad = lsm.exp().mul_(w)                              # sigma(u) q_k  (q_y = e^{-inf} = 0)
+        grad.scatter_add_(1, idx, -w)                         # - sigma(u) at the target
+        return grad, None, None
+
+
 def _ldr_rows(s: torch.Tensor, target: torch.Tensor, lam: float | torch.Tensor, margin: float) -> torch.Tensor:
     r"""The same value as :func:`_ldr_from_gaps` of :func:`_gaps`, without forming the gaps.
 
     The target's own gap is 0 and every other gap is :math:`c + f_k - f_y`, so with
-    :math:`R = \log \sum_{k \ne y} e^{f_k / \lambda}`
+    :math:`z = f / \lambda` and :math:`R = \log \sum_{k \ne y} e^{z_k}`
 
     .. math::
-        \ell_\lambda = \lambda\, \mathrm{softplus}\Big(\frac{c - f_y}{\lambda} + R\Big) - \lambda \log K ,
+        \ell_\lambda = \lambda\, \mathrm{softplus}\Big(\frac{c}{\lambda} - z_y + R\Big) - \lambda \log K ,
+        \qquad \frac{\partial \ell_\lambda}{\partial f} = \sigma(\cdot)\,(q - e_y),
 
-    one log-softmax over the (B, K) scores with the target masked out (as cheap as cross-entropy's)
-    and a few operations on the B rows; exact for any :math:`\lambda` and margin.
+    :math:`q` the softmax of the non-target scores: one log-softmax over the (B, K) scores with the
+    target masked out, as cheap as cross-entropy's, and a closed-form backward
+    (:class:`_SoftplusGap`); exact for any :math:`\lambda` and margin.
     """
     k = s.shape[1]
     idx = target.long().unsqueeze(1)
     if isinstance(lam, torch.Tensor):
         inf = torch.isinf(lam).squeeze(1)
         lam_c = torch.where(torch.isinf(lam), torch.ones_like(lam), lam)
-        z, lam_r = s / lam_c, lam_c.squeeze(1)
+        z, lam_r = s * lam_c.reciprocal(), lam_c.squeeze(1)     # a multiply is cheaper than a divide
     else:
         if math.isinf(lam):
             return margin * (k - 1) / k + s.mean(dim=1) - s.gather(1, idx).squeeze(1)
         inf, lam_r = None, lam
-        z = s if lam == 1.0 else s / lam
+        z = s if lam == 1.0 else s * (1.0 / lam)
     if k == 1:
         return torch.zeros_like(s[:, 0])
-    # R: the log-sum-exp of the other classes, read off the fused log-softmax of the masked scores at
-    # one other column j (R = z_j - log softmax_j), which is faster than torch.logsumexp on the CPU
-    masked = z.scatter(1, idx, float("-inf"))
-    j = (idx + 1) % k
-    rest = (masked.gather(1, j) - masked.log_softmax(dim=1).gather(1, j)).squeeze(1)
-    z_y = z.gather(1, idx).squeeze(1)
-    out = lam_r * (torch.nn.functional.softplus(margin / lam_r - z_y + rest) - math.log(k))
+    out = lam_r * (_SoftplusGap.apply(z, idx, margin / lam_r) - math.log(k))
     if inf is not None:
         out = torch.where(inf, margin * (k - 1) / k + s.mean(dim=1) - s.gather(1, idx).squeeze(1), out)
     return out
@@ -298,7 +320,7 @@ def _iterate_lambda(s: torch.Tensor, target: torch.Tensor, margin: float, lam0: 
     log_k = math.log(K)
     lam = _lam_tensor(lam0 if lam_init is None else lam_init, a, "lam_init")
     for _ in range(n_iter):
-        log_p = torch.log_softmax(a / lam, dim=1)
+        log_p = torch.log_softmax(a * lam.reciprocal(), dim=1)
         kl = (log_p.exp() * (log_p + log_k)).sum(dim=1, keepdim=True).clamp(min=0.0, max=log_k)
         lam = lam0 * (1.0 - kl / (alpha * log_k))
     return lam.squeeze(1)

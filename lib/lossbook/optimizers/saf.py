@@ -448,11 +448,18 @@ class SAM(torch.optim.Optimizer):
     def second_step(self, zero_grad: bool = False) -> None:
         r"""Return to :math:`\theta` and take the base optimizer's step with the gradient computed
         at :math:`\theta + \hat\epsilon`."""
+        back, olds = [], []
         for group in self.param_groups:
             for p in group["params"]:
                 old = self.state[p].pop("old_p", None)
                 if old is not None:
-                    p.copy_(old)
+                    back.append(p)
+                    olds.append(old)
+        if back and self.foreach is not False and len({(p.device, p.dtype) for p in back}) == 1:
+            torch._foreach_copy_(back, olds)                       # one launch for all parameters
+        else:
+            for p, old in zip(back, olds):
+                p.copy_(old)
         self.base_optimizer.step()
         if zero_grad:
             self.zero_grad(set_to_none=True)

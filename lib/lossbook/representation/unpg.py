@@ -100,7 +100,8 @@ def cosface_logits(emb: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor
     _check_labels(labels, emb.shape[0], weight.shape[0])
     m = _real("m", m)
     cos = _cosines(emb, weight)
-    return cos - m * F.one_hot(labels, weight.shape[0]).to(cos.dtype)
+    # the margin on the target column only: one copy of the (N, C) cosines, no (N, C) one-hot matrix
+    return cos.scatter_add(1, labels[:, None], cos.new_full((cos.shape[0], 1), -m))
 
 
 def arcface_logits(emb: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, m: float = 0.5,
@@ -290,7 +291,11 @@ def unpg_loss(logits: torch.Tensor, labels: torch.Tensor, neg_sims: torch.Tensor
     if s <= 0:
         raise ValueError(f"s must be positive, got {s}")
     z = s * logits
-    row_lse = torch.logsumexp(z, dim=1)
+    # the (N, C) part is PyTorch's fused cross-entropy (its log-softmax keeps one (N, C) buffer);
+    # the appended negatives enter through their single log-sum-exp:
+    # log(e^{r_i} + e^{n}) - z_iy = CE_i + softplus(n - r_i), with r_i = CE_i + z_iy the row's log-sum-exp
+    ce = F.cross_entropy(z, labels, reduction="none")
+    per_sample = ce
     if neg_sims is not None:
         if not neg_sims.is_floating_point():
             raise ValueError("neg_sims must be a floating-point tensor")
@@ -300,8 +305,9 @@ def unpg_loss(logits: torch.Tensor, labels: torch.Tensor, neg_sims: torch.Tensor
             raise ValueError(f"neg_mask must be a bool tensor of shape {tuple(neg_sims.shape)}, "
                              f"got {neg_mask.dtype} {tuple(neg_mask.shape)}")
         if neg_sims.numel():
-            row_lse = torch.logaddexp(row_lse, _masked_logsumexp(s * neg_sims.to(z.dtype), neg_mask))
-    per_sample = row_lse - z.gather(1, labels[:, None]).squeeze(1)
+            row_lse = ce + z.gather(1, labels[:, None]).squeeze(1)
+            neg_lse = _masked_logsumexp(s * neg_sims.to(z.dtype), neg_mask)
+            per_sample = ce + F.softplus(neg_lse - row_lse)
     return reduce(per_sample, reduction)
 
 
