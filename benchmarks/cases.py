@@ -45,9 +45,9 @@ WHY = {
               "memory-bound (large C) it runs at the speed of cross-entropy.",
     "ALDR-KL": "as LDR-KL, plus the update of each example's lambda: a softmax, its entropy and a division by "
                "each row's lambda over (B, C), without gradient.",
-    "Z-loss": "not the same function: the mean and the standard deviation of every row are two reductions over "
-              "(B, C) and their backward (written out in two passes, which halved the time of torch.var_mean's "
-              "backward and keeps the loss exactly shift-invariant).",
+    "Z-loss": "not the same function: the mean and the variance of every row (one fused reduction over (B, C)) "
+              "and a backward written in closed form (one fused pass, where autograd through the mean and the "
+              "variance made several); cross-entropy's log-softmax is one fused kernel each way.",
     "log-Taylor softmax": "not the same function: it needs the sum and the sum of squares of every row; the "
                           "(B, C) polynomial is no longer formed (2-3x faster than before).",
     "log-spherical softmax": "not the same function: squares and sums every row of (B, C), plus the target's "

@@ -290,3 +290,22 @@ def test_cuda_matches_cpu():
         layer.step(H, t)
         _naive_sgd(W, H, t, lambda oo, tt: z_loss(oo, tt, a=1.0, b=2.0), 0.2)
     torch.testing.assert_close(layer.weight, W.detach(), rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("scale,shift", [(1.0, 0.0), (0.01, 5.0), (30.0, -3.0)])
+def test_z_loss_closed_form_gradient_matches_autograd_of_the_definition(scale, shift):
+    from lossbook.classification.z_loss import z_loss
+    g = torch.Generator().manual_seed(3)
+    o = (scale * torch.randn(7, 5, generator=g, dtype=torch.float64) + shift).requires_grad_()
+    c = torch.randint(0, 5, (7,), generator=g)
+    w = torch.rand(7, dtype=torch.float64, generator=g)
+
+    def definition(o):
+        mu = o.mean(1, keepdim=True)
+        sd = (o - mu).square().mean(1).sqrt()
+        z = (o.gather(1, c[:, None]).squeeze(1) - mu.squeeze(1)) / sd
+        return torch.nn.functional.softplus(1.5 * (0.3 - z)) / 1.5
+    got, = torch.autograd.grad((w * z_loss(o, c, a=1.5, b=0.3, reduction="none")).sum(), o)
+    ref, = torch.autograd.grad((w * definition(o)).sum(), o)
+    torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda x: z_loss(x, c, a=1.5, b=0.3), (o,))
