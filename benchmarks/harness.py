@@ -100,10 +100,30 @@ def peak_memory(fn: Callable[[], object], device: torch.device) -> Optional[int]
 
 
 def time_fn(fn: Callable[[], object], min_run_time: float) -> dict:
-    """Median, IQR and count of blocked timings of ``fn`` (seconds)."""
-    fn()  # warm-up
-    m = tbench.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time)
+    """Median, IQR and count of blocked timings of ``fn`` (seconds); at least about five calls even
+    when one call outlasts ``min_run_time`` (capped at 30 s of timing)."""
+    t = tbench.Timer(stmt="fn()", globals={"fn": fn})
+    first = t.timeit(1).median            # also the warm-up
+    m = t.blocked_autorange(min_run_time=min(max(min_run_time, 5 * first), 30.0))
     return {"median_s": m.median, "iqr_s": m.iqr, "runs": len(m.times) * m.number_per_run}
+
+
+def time_pair(fns: list, min_run_time: float, rounds: int = 3) -> list[dict]:
+    """Time several callables in alternating rounds (a, b, a, b, ...) so that a slow spell of the
+    machine falls on all of them alike; each gets the median over all its blocked runs."""
+    timers = [tbench.Timer(stmt="fn()", globals={"fn": fn}) for fn in fns]
+    firsts = [t.timeit(1).median for t in timers]
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(rounds):
+        for i, t in enumerate(timers):
+            budget = min(max(min_run_time, 5 * firsts[i]), 30.0) / rounds
+            m = t.blocked_autorange(min_run_time=budget)
+            times[i].extend(m.times)
+    out = []
+    for ts in times:
+        q = torch.tensor(ts, dtype=torch.float64).quantile(torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64))
+        out.append({"median_s": float(q[1]), "iqr_s": float(q[2] - q[0]), "runs": len(ts)})
+    return out
 
 
 def max_differences(a: list, b: list) -> tuple[float, float]:
@@ -165,11 +185,21 @@ def measure(case: Case, device: torch.device, *, dtype: torch.dtype = torch.floa
     sides = [("ours", ours)] + ([("theirs", peer)] if peer is not None else [])
     for side, impl in sides:
         rec[side] = {"label": impl.label}
+    if timing and len(sides) == 2:
+        try:                                   # both sides in alternating rounds
+            for (side, _), t in zip(sides, time_pair([impl.fn for _, impl in sides], min_run_time)):
+                rec[side].update(t)
+            timing = False
+        except (torch.OutOfMemoryError, RuntimeError) as err:
+            if not _out_of_memory(err):
+                raise
+            gc.collect()                       # one side does not fit: time them one by one below
+    for side, impl in sides:
         try:
             if timing:
                 rec[side].update(time_fn(impl.fn, min_run_time))
-                if not math.isfinite(rec[side]["median_s"]):
-                    raise RuntimeError(f"{case.key}: non-finite time for {side}")
+            if "median_s" in rec[side] and not math.isfinite(rec[side]["median_s"]):
+                raise RuntimeError(f"{case.key}: non-finite time for {side}")
             if memory:
                 rec[side]["peak_bytes"] = peak_memory(impl.fn, device)
         except (torch.OutOfMemoryError, RuntimeError) as err:

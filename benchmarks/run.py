@@ -62,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch threads on the CPU (default: torch's)")
     ap.add_argument("--out", type=Path, default=None, help="where to write (default results/benchmarks/<device>.json)")
     ap.add_argument("--no-memory", action="store_true", help="skip the CPU memory pass")
+    ap.add_argument("--merge", action="store_true",
+                    help="replace only the re-run cases in the existing results file (each record keeps its date and commit)")
     ap.add_argument("--memory-only", type=Path, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
@@ -129,11 +131,21 @@ def main(argv: list[str] | None = None) -> int:
               + (f"  mem x{mem:5.2f}" if mem else "") + diff + f"  ({time.perf_counter() - t:.1f} s)",
               flush=True)
 
+    commit, today = _commit(), dt.date.today().isoformat()
+    for rec in records:
+        rec["date"], rec["commit"] = today, commit
+    if args.merge and out is not None and out.exists():
+        keep = {(r["suite"], r["name"], json.dumps(r["sizes"], sort_keys=True)): r
+                for r in json.loads(out.read_text())["records"]}
+        for rec in records:
+            keep[(rec["suite"], rec["name"], json.dumps(rec["sizes"], sort_keys=True))] = rec
+        order = list(SUITES)
+        records = sorted(keep.values(), key=lambda r: order.index(r["suite"]) if r["suite"] in order else len(order))
     doc = {
         "hardware": harness.hardware(device),
         "device": device.type,
-        "date": dt.date.today().isoformat(),
-        "commit": _commit(),
+        "date": today,
+        "commit": commit,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "peers": {name: _version(name) for name in ("pytorch-metric-learning", "libauc")},
