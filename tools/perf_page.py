@@ -112,6 +112,7 @@ def table(records: list[dict]) -> str:
 def figure(doc: dict, path: Path) -> bool:
     """Time against size, lossbook (solid) and peer (dashed), one panel per suite that varies one size."""
     import matplotlib
+    import matplotlib.ticker
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -129,7 +130,14 @@ def figure(doc: dict, path: Path) -> bool:
         for r in recs:
             other = tuple((k, v) for k, v in r["sizes"].items() if k != axis)
             groups.setdefault((r["name"], other), []).append(r)
-        for i, ((name, other), rs) in enumerate(sorted(groups.items())):
+        # a peer shared by several of our methods (cross-entropy for every classification loss) is drawn
+        # once, in black; a peer of one method in that method's colour
+        users: dict[tuple, set] = {}
+        for (name, other), rs in groups.items():
+            for r in rs:
+                users.setdefault((r.get("peer"), other), set()).add(name)
+        drawn = set()
+        for (name, other), rs in sorted(groups.items()):
             if len(rs) < 2:
                 continue
             rs = sorted(rs, key=lambda r: r["sizes"][axis])
@@ -137,15 +145,22 @@ def figure(doc: dict, path: Path) -> bool:
             label = name + (" (" + ", ".join(f"{k}={v}" for k, v in other) + ")" if other else "")
             line, = ax.plot(x, [r["ours"]["median_s"] * 1e3 for r in rs], "o-", lw=1.5, ms=3, label=label)
             peer = [(r["sizes"][axis], r["theirs"]["median_s"] * 1e3) for r in rs if "median_s" in (r.get("theirs") or {})]
-            if peer:
-                ax.plot(*zip(*peer), "s--", lw=1, ms=3, color=line.get_color())
+            key = (rs[0].get("peer"), other)
+            shared = len(users.get(key, ())) > 1
+            if peer and not (shared and key in drawn):
+                ax.plot(*zip(*peer), "s--", lw=1.2 if shared else 1, ms=3, color="black" if shared else line.get_color(),
+                        label=f"{key[0]}" if shared else None)
+                drawn.add(key)
         ax.set_xscale("log")
         ax.set_yscale("log")
+        ticks = sorted({r["sizes"][axis] for r in recs})
+        ax.set_xticks(ticks, [f"{t:,}" for t in ticks])
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.set_xlabel(axis)
         ax.set_ylabel("ms per call")
         ax.set_title(suite, fontsize=10)
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=5.5, loc="upper left")
+        ax.grid(alpha=0.3, which="major")
+        ax.legend(fontsize=6, loc="upper left")
     fig.suptitle(f"solid: lossbook, dashed: peer (missing where the peer ran out of memory) — {doc['hardware']}",
                  fontsize=8)
     fig.tight_layout()
