@@ -46,10 +46,10 @@ WHY = {
     "ALDR-KL": "as LDR-KL, plus the update of each example's lambda: a softmax, its entropy and a division by "
                "each row's lambda over (B, C), without gradient.",
     "Z-loss": "not the same function: the mean and the variance of every row (one fused reduction over (B, C)) "
-              "and a backward written in closed form (one fused pass, where autograd through the mean and the "
+              "and a backward written in closed form (centre, then one fused multiply-add, where autograd through the mean and the "
               "variance made several); cross-entropy's log-softmax is one fused kernel each way.",
-    "log-Taylor softmax": "not the same function: it needs the sum and the sum of squares of every row; the "
-                          "(B, C) polynomial is no longer formed (2-3x faster than before).",
+    "log-Taylor softmax": "not the same function: it needs the sum and the sum of squares of every row (the (B, C) "
+                          "polynomial is not formed), and the target's terms.",
     "log-spherical softmax": "not the same function: squares and sums every row of (B, C), plus the target's "
                              "terms.",
     "EnsLoss (sampled calibrated derivative)": "not the same function: every batch draws a random calibrated "

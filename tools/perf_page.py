@@ -61,6 +61,8 @@ def fmt_time(s: float | None) -> str:
 def fmt_bytes(b: int | None) -> str:
     if b is None:
         return "–"
+    if b == 0:
+        return "< 64 KiB"          # below what the CPU measurement resolves (see the harness)
     if b < 1 << 20:
         return f"{b / 1024:.0f} KiB"
     if b < 1 << 30:
@@ -105,7 +107,8 @@ def table(records: list[dict]) -> str:
         rows.append("| " + " | ".join(_cell(x) for x in (
             r["name"], fmt_sizes(r["sizes"]), fmt_side_time(r["ours"]), r.get("peer") or "–",
             fmt_side_time(th), fmt_ratio(r.get("time_ratio")), fmt_bytes(r["ours"].get("peak_bytes")),
-            fmt_bytes(th.get("peak_bytes")), fmt_ratio(r.get("memory_ratio")), fmt_diff(r))) + " |")
+            fmt_bytes(th.get("peak_bytes")),
+            fmt_ratio(r.get("memory_ratio") if r["ours"].get("peak_bytes") else None), fmt_diff(r))) + " |")
     return "\n".join(rows)
 
 

@@ -126,8 +126,11 @@ def test_property_gradient_orthogonal_to_ones_and_scores(seed, D):
     o = (2 * torch.randn(5, D, generator=gen, dtype=torch.float64)).requires_grad_()
     c = torch.randint(0, D, (5,), generator=gen)
     (g,) = torch.autograd.grad(z_loss(o, c, a=1.3, b=2.0, reduction="sum"), o)
-    assert g.sum(1).abs().max() <= 1e-10
-    assert (g * o.detach()).sum(1).abs().max() <= 1e-10
+    # the gradient's terms are of size 1/sigma and cancel: the residual is rounding of that size
+    # (hypothesis finds rows of two nearly equal scores, sigma ~ 1e-6)
+    tol = 1e-13 * (1 + 1 / o.detach().std(1, correction=0)) * (1 + o.detach().abs().max(1).values)
+    assert (g.sum(1).abs() <= tol).all()
+    assert ((g * o.detach()).sum(1).abs() <= tol * (1 + o.detach().abs().max(1).values)).all()
 
 
 def _naive_sgd(W, H, c, loss_fn, lr):

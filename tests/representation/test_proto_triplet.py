@@ -110,8 +110,10 @@ def test_gradcheck():
 
 
 @settings(max_examples=25, deadline=None)
-@given(seed=st.integers(0, 10_000), shift=st.floats(-5, 5), scale=st.floats(0.1, 10))
+@given(seed=st.integers(0, 10_000), shift=st.floats(-5, 5), scale=st.sampled_from([0.125, 0.25, 0.5, 2.0, 4.0, 8.0]))
 def test_invariances_and_range(seed, shift, scale):
+    # powers of two scale every distance exactly, so a near-tie among neighbours cannot flip by rounding
+    # (with scale 13/128 hypothesis found such a flip: a different neighbour set, not a bug)
     x, y = _episode(E=2, n=3, kk=4, d=4, seed=seed)
     s = icnn_score(x, y, k=3, reduction="none")
     assert torch.all((s >= 0) & (s <= 1))

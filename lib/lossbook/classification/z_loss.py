@@ -159,8 +159,8 @@ class _TargetZScore(torch.autograd.Function):
         \frac{\partial z_c}{\partial o_k} = \frac{\mathbb 1[k = c] - 1/D}{\sigma}
         - \frac{z_c\,(o_k - \mu)}{D\,\sigma^2},
 
-    one fused pass over the (N, D) scores (``addcmul``) where autograd through the mean and the
-    variance would make several. The variance is floored at the smallest normal number."""
+    two passes over the (N, D) scores (centre, then one ``addcmul``) where autograd through the mean
+    and the variance makes several. The variance is floored at the smallest normal number."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -174,9 +174,9 @@ class _TargetZScore(torch.autograd.Function):
     def backward(ctx, g: torch.Tensor):
         x, idx, mu, sigma, z_c = ctx.saved_tensors
         d = x.shape[1]
-        slope = -g * z_c / (d * sigma.square())               # times (o_k - mu)
-        bias = -g / (d * sigma) - slope * mu
-        grad = torch.addcmul(bias[:, None], x, slope[:, None])
+        slope = -g * z_c / (d * sigma.square())               # times (o_k - mu), centred first: with
+        bias = -g / (d * sigma)                                # |mu| >> sigma, slope * mu would cancel
+        grad = torch.addcmul(bias[:, None], x - mu[:, None], slope[:, None])
         grad.scatter_add_(1, idx, (g / sigma)[:, None])
         return grad, None
 
