@@ -106,10 +106,11 @@ def test_page_is_generated_from_the_results(tmp_path):
     (res / "cpu.json").write_text(json.dumps(_doc(recs)))
     text = perf_page.page("# P\n\n" + perf_page.MARKER + "\n", res, tmp_path / "figures")
     assert perf_page.MARKER not in text and "## Test CPU, 2 threads" in text and "2026-12-02" in text
-    assert "| InfoNCE | N=256, D=128 | 2 ms | peer X | 4 ms | 0.50× |" in text
+    assert "| InfoNCE | N=256, D=128 | 2 ms / 4 ms | 0.50× | 3.0 MiB / 1.0 MiB | **3.00×** | 1e-15 |" in text
+    assert "Compared with peer X." in text
     assert "| **2.00×** |" in text and "**3.00×**" in text                       # over 1.2: bold
     assert "because of Y" in text and "1e-15" in text
-    assert "| InfoNCE | N=4,096, D=128 | 50 ms | peer X | out of memory | – |" in text
+    assert "| InfoNCE | N=4,096, D=128 | 50 ms / out of memory | – |" in text
     assert (tmp_path / "figures" / "performance-cpu.png").stat().st_size > 10_000
     assert "figures/performance-cpu.png" in text
 

@@ -99,16 +99,28 @@ def _cell(txt: str) -> str:
     return str(txt).replace("|", "\\|")
 
 
+def peer_list(records: list[dict]) -> str:
+    """What each method of a table is compared with (kept out of the table so that it fits a page)."""
+    pairs: dict[str, list[str]] = {}
+    for r in records:
+        if r.get("peer") and r["name"] not in pairs.get(r["peer"], []):
+            pairs.setdefault(r["peer"], []).append(r["name"])
+    if len(pairs) == 1:
+        return f"Compared with {next(iter(pairs))}."
+    return "Compared with:\n\n" + "\n".join(f"- {peer}: {', '.join(names)}" for peer, names in pairs.items())
+
+
 def table(records: list[dict]) -> str:
-    rows = ["| Method | Sizes | lossbook | Peer | Peer time | Time ratio | lossbook peak | Peer peak | Memory ratio | Agreement |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| Method | Sizes | Time: lossbook / peer | Ratio | Peak memory: lossbook / peer | Ratio | Agreement |",
+            "|---|---|---|---|---|---|---|"]
     for r in records:
         th = r.get("theirs") or {}
+        mem_ratio = r.get("memory_ratio") if r["ours"].get("peak_bytes") else None
         rows.append("| " + " | ".join(_cell(x) for x in (
-            r["name"], fmt_sizes(r["sizes"]), fmt_side_time(r["ours"]), r.get("peer") or "–",
-            fmt_side_time(th), fmt_ratio(r.get("time_ratio")), fmt_bytes(r["ours"].get("peak_bytes")),
-            fmt_bytes(th.get("peak_bytes")),
-            fmt_ratio(r.get("memory_ratio") if r["ours"].get("peak_bytes") else None), fmt_diff(r))) + " |")
+            r["name"], fmt_sizes(r["sizes"]),
+            f"{fmt_side_time(r['ours'])} / {fmt_side_time(th)}", fmt_ratio(r.get("time_ratio")),
+            f"{fmt_bytes(r['ours'].get('peak_bytes'))} / {fmt_bytes(th.get('peak_bytes'))}", fmt_ratio(mem_ratio),
+            fmt_diff(r))) + " |")
     return "\n".join(rows)
 
 
@@ -216,6 +228,7 @@ def render(results_dir: Path = RESULTS, figures_dir: Path | None = None, figure_
         for suite in suites:
             recs = [r for r in doc["records"] if r["suite"] == suite]
             out.append(f"### {SUITE_TITLES.get(suite, suite)}\n")
+            out.append(peer_list(recs) + "\n")
             out.append(table(recs) + "\n")
             why = notes(recs)
             if why:
