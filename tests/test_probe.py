@@ -56,3 +56,14 @@ def test_cuda():
     x, y = blobs()
     r = linear_probe(x[:200].cuda(), y[:200].cuda(), x[200:].cuda(), y[200:].cuda())
     assert r.accuracy == 1.0 and r.weight.device.type == "cuda"
+
+
+def test_knn_accuracy():
+    from lossbook.probe import knn_accuracy
+    h_tr = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
+    y_tr = torch.tensor([0, 0, 1, 1])
+    h_te = torch.tensor([[1.0, 0.05], [0.05, 1.0]])
+    assert knn_accuracy(h_tr, y_tr, h_te, torch.tensor([0, 1]), k=1) == 1.0
+    assert knn_accuracy(h_tr, y_tr, h_te, torch.tensor([1, 1]), k=2) == 0.5
+    with pytest.raises(ValueError):
+        knn_accuracy(h_tr, y_tr, h_te, torch.tensor([0, 1]), k=9)

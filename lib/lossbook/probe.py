@@ -16,7 +16,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ProbeResult", "fit_logistic", "linear_probe"]
+__all__ = ["ProbeResult", "fit_logistic", "knn_accuracy", "linear_probe"]
 
 
 class ProbeResult(NamedTuple):
@@ -101,3 +101,18 @@ def linear_probe(h_train: torch.Tensor, y_train: torch.Tensor, h_test: torch.Ten
     w, b = fit_logistic(htr, y_train, n_classes, l2=l2, max_iter=max_iter)
     acc = lambda h, y: float(((h @ w.T + b).argmax(1) == y).double().mean())  # noqa: E731
     return ProbeResult(acc(hte, y_test), acc(htr, y_train), w, b, mean, std)
+
+
+def knn_accuracy(h_train: torch.Tensor, y_train: torch.Tensor, h_test: torch.Tensor, y_test: torch.Tensor,
+                 k: int = 10) -> float:
+    r"""Accuracy of a cosine :math:`k`-nearest-neighbour vote (majority; ties to the nearest) of each test
+    feature among the training features. ``h_*`` ``(N, d)``, ``y_*`` int64 ``(N,)``."""
+    if h_train.dim() != 2 or h_test.dim() != 2 or h_train.shape[1] != h_test.shape[1]:
+        raise ValueError("h_train and h_test must be (N, d) tensors with the same d")
+    if not 1 <= k <= len(h_train):
+        raise ValueError(f"k must be in [1, {len(h_train)}], got {k}")
+    s = F.normalize(h_test.float(), dim=1) @ F.normalize(h_train.float(), dim=1).T
+    top = s.topk(k, dim=1)
+    votes = F.one_hot(y_train[top.indices], int(y_train.max()) + 1).float()
+    votes = votes.sum(1) + 1e-3 * votes[:, 0]          # ties go to the nearest neighbour's class
+    return float((votes.argmax(1) == y_test).float().mean())

@@ -227,17 +227,6 @@ def test_kl_to_uniform_and_optimal_tau_against_reference():
         assert float(grid[f.argmin()]) == pytest.approx(float(t[i]), rel=0.01)
 
 
-def test_knn_accuracy():
-    from lossbook.representation.isogclr import knn_accuracy
-    h_tr = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
-    y_tr = torch.tensor([0, 0, 1, 1])
-    h_te = torch.tensor([[1.0, 0.05], [0.05, 1.0]])
-    assert knn_accuracy(h_tr, y_tr, h_te, torch.tensor([0, 1]), k=1) == 1.0
-    assert knn_accuracy(h_tr, y_tr, h_te, torch.tensor([1, 1]), k=2) == 0.5
-    with pytest.raises(ValueError):
-        knn_accuracy(h_tr, y_tr, h_te, torch.tensor([0, 1]), k=9)
-
-
 def test_tiny_training_learns():
     # iSogCLR on a frozen-data toy: two views = noisy copies; the loss falls and the views align
     g = torch.Generator().manual_seed(0)

@@ -119,19 +119,6 @@ def _gaps(logits: torch.Tensor, target: torch.Tensor, margin: float) -> torch.Te
     return delta + logits - f_y
 
 
-def _ldr_from_gaps(a: torch.Tensor, lam: float | torch.Tensor) -> torch.Tensor:
-    r""":math:`\lambda \log \frac1K \sum_k e^{a_k/\lambda}` per row from the gaps (the definition; kept
-    as the reference the fast form is tested against); ``lam`` a float > 0 or a (B, 1) tensor > 0,
-    where ``inf`` gives the mean-gap limit exactly."""
-    log_k = math.log(a.shape[1])
-    if not isinstance(lam, torch.Tensor):
-        return a.mean(dim=1) if math.isinf(lam) else lam * (torch.logsumexp(a / lam, dim=1) - log_k)
-    inf = torch.isinf(lam)
-    safe = torch.where(inf, torch.ones_like(lam), lam)
-    soft = safe.squeeze(1) * (torch.logsumexp(a / safe, dim=1) - log_k)
-    return torch.where(inf.squeeze(1), a.mean(dim=1), soft)
-
-
 class _SoftplusGap(torch.autograd.Function):
     r"""Per row, :math:`\mathrm{softplus}(u)` with :math:`u = c' - z_y + \log \sum_{k \ne y} e^{z_k}`, and
     its gradient in closed form: :math:`\partial/\partial z = \sigma(u)\,(q - e_y)`, :math:`q` the softmax of
@@ -159,7 +146,9 @@ class _SoftplusGap(torch.autograd.Function):
 
 
 def _ldr_rows(s: torch.Tensor, target: torch.Tensor, lam: float | torch.Tensor, margin: float) -> torch.Tensor:
-    r"""The same value as :func:`_ldr_from_gaps` of :func:`_gaps`, without forming the gaps.
+    r""":math:`\lambda \log \frac1K \sum_k e^{a_k/\lambda}` per row for the gaps :math:`a` of :func:`_gaps`,
+    without forming them; ``lam`` a float > 0 or a (B, 1) tensor > 0, where ``inf`` gives the mean-gap
+    limit exactly.
 
     The target's own gap is 0 and every other gap is :math:`c + f_k - f_y`, so with
     :math:`z = f / \lambda` and :math:`R = \log \sum_{k \ne y} e^{z_k}`

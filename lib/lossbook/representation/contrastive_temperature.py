@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..augment import augment
+from ..retrieval import pair_masks, similarity_matrix
 
 from .._checks import check_reduction as _check_reduction, reduce as _reduce
 
@@ -206,12 +207,10 @@ def supcon_loss(emb: torch.Tensor, labels: torch.Tensor, tau: float = 0.1, *,
                          f"{labels.dtype} {tuple(labels.shape)}")
     tau = _check_tau(tau)
     _check_reduction(reduction)
-    z = F.normalize(emb, dim=-1)
-    logits = (z @ z.T) / tau
-    eye = torch.eye(len(labels), dtype=torch.bool, device=emb.device)
-    pos = (labels[:, None] == labels[None, :]) & ~eye
+    logits = similarity_matrix(emb) / tau
+    pos, neg = pair_masks(labels)                      # the diagonal is in neither
     n_pos = pos.sum(-1)
-    lse = logits.masked_fill(eye, float("-inf")).logsumexp(-1)
+    lse = logits.masked_fill(~(pos | neg), float("-inf")).logsumexp(-1)
     pos_mean = logits.masked_fill(~pos, 0.0).sum(-1) / n_pos.clamp(min=1)
     has = n_pos > 0
     loss = torch.where(has, lse - pos_mean, torch.zeros_like(lse))

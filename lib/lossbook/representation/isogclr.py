@@ -39,7 +39,7 @@ from .._checks import reduce as _reduce
 from .._checks import check_reduction
 from .contrastive_temperature import simclr_masks
 
-__all__ = ["ISogCLRLoss", "SogCLRLoss", "kl_to_uniform", "knn_accuracy", "optimal_tau", "robust_gcl"]
+__all__ = ["ISogCLRLoss", "SogCLRLoss", "kl_to_uniform", "optimal_tau", "robust_gcl"]
 
 # exp(1/tau) must stay finite in float32 with room for summing a few thousand terms
 _TAU_FLOOR = 1.0 / 80.0
@@ -194,8 +194,20 @@ class SogCLRLoss(nn.Module):
         return value - pos_sim + (weighted - weighted.detach())
 
     # -- forward ------------------------------------------------------------------------------------
+    def _view_temperatures(self, index: torch.Tensor, sim: torch.Tensor) -> torch.Tensor:
+        """The temperature of each of the ``2B`` anchors (both views of a sample share it)."""
+        return torch.full((sim.shape[0],), self.tau, dtype=sim.dtype, device=sim.device)
+
+    def _value(self, t: torch.Tensor, u_view: torch.Tensor) -> torch.Tensor:
+        """The estimate of the per-anchor objective, less ``-s+`` (the loss's value, not its gradient)."""
+        return t * u_view.log()
+
+    def _update_temperatures(self, sim: torch.Tensor, e: torch.Tensor, u_view: torch.Tensor, t: torch.Tensor,
+                             index: torch.Tensor) -> None:
+        """No per-sample temperatures here (see :class:`ISogCLRLoss`)."""
+
     def forward(self, z1: torch.Tensor, z2: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """Loss of the batch; updates ``u`` at ``index`` (training mode).
+        """Loss of the batch; in training mode updates the per-sample state at ``index``.
 
         Args:
             z1, z2: embeddings ``(B, d)`` of the two views of samples ``index`` (normalised inside).
@@ -203,11 +215,12 @@ class SogCLRLoss(nn.Module):
         """
         sim, pos_sim, _, neg = _views(z1, z2)
         index = self._index(index, z1.shape[0], sim.device)
-        t = torch.full((sim.shape[0],), self.tau, dtype=sim.dtype, device=sim.device)
+        t = self._view_temperatures(index, sim)
         e, u_view, u_new = self._inner(sim, neg, t, index)
-        loss = self._surrogate(sim, pos_sim, e, u_view, self.tau * u_view.log())
+        loss = self._surrogate(sim, pos_sim, e, u_view, self._value(t, u_view))
         if self.training:
             with torch.no_grad():
+                self._update_temperatures(sim, e, u_view, t, index)
                 self.u.index_copy_(0, index, u_new.to(self.u.dtype))
         return _reduce(loss, self.reduction)
 
@@ -284,32 +297,24 @@ class ISogCLRLoss(SogCLRLoss):
         n_neg = sim.shape[0] - 2
         return u_view.log() + self.rho - (e * sim.detach()).sum(1) / (n_neg * u_view * t)
 
-    def forward(self, z1: torch.Tensor, z2: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """Loss of the batch; in training mode updates ``u``, ``tau`` and ``tau_momentum`` at ``index``.
+    def _view_temperatures(self, index: torch.Tensor, sim: torch.Tensor) -> torch.Tensor:
+        return self.tau.index_select(0, index).to(sim.dtype).repeat(2)
 
-        Args:
-            z1, z2: embeddings ``(B, d)`` of the two views of samples ``index`` (normalised inside).
-            index: int64 ``(B,)`` dataset indices of the samples, distinct, in ``[0, n_data)``.
-        """
-        sim, pos_sim, _, neg = _views(z1, z2)
-        index = self._index(index, z1.shape[0], sim.device)
+    def _value(self, t: torch.Tensor, u_view: torch.Tensor) -> torch.Tensor:
+        return t * (u_view.log() + self.rho)
+
+    def _update_temperatures(self, sim: torch.Tensor, e: torch.Tensor, u_view: torch.Tensor, t: torch.Tensor,
+                             index: torch.Tensor) -> None:
+        """The projected momentum step of each sample's :math:`\tau` (from the temperatures the loss used)."""
         b = index.shape[0]
-        tau_b = self.tau.index_select(0, index).to(sim.dtype)
-        t = tau_b.repeat(2)
-        e, u_view, u_new = self._inner(sim, neg, t, index)
-        loss = self._surrogate(sim, pos_sim, e, u_view, t * (u_view.log() + self.rho))
-        if self.training:
-            with torch.no_grad():
-                g = self.tau_gradient(sim, e, u_view, t)
-                g = 0.5 * (g[:b] + g[b:])
-                if self.grad_clip is not None:
-                    g = g.clamp(-self.grad_clip, self.grad_clip)
-                m = (1.0 - self.beta) * self.tau_momentum.index_select(0, index).to(sim.dtype) + self.beta * g
-                tau_new = (tau_b - self.eta * m).clamp(self.tau_min, self.tau_max)
-                self.u.index_copy_(0, index, u_new.to(self.u.dtype))
-                self.tau_momentum.index_copy_(0, index, m.to(self.tau_momentum.dtype))
-                self.tau.index_copy_(0, index, tau_new.to(self.tau.dtype))
-        return _reduce(loss, self.reduction)
+        g = self.tau_gradient(sim, e, u_view, t)
+        g = 0.5 * (g[:b] + g[b:])
+        if self.grad_clip is not None:
+            g = g.clamp(-self.grad_clip, self.grad_clip)
+        m = (1.0 - self.beta) * self.tau_momentum.index_select(0, index).to(sim.dtype) + self.beta * g
+        tau_new = (t[:b] - self.eta * m).clamp(self.tau_min, self.tau_max)
+        self.tau_momentum.index_copy_(0, index, m.to(self.tau_momentum.dtype))
+        self.tau.index_copy_(0, index, tau_new.to(self.tau.dtype))
 
 
 def kl_to_uniform(z_anchor: torch.Tensor, z_neg: torch.Tensor, tau: torch.Tensor, neg_mask: torch.Tensor | None = None
@@ -339,21 +344,6 @@ def kl_to_uniform(z_anchor: torch.Tensor, z_neg: torch.Tensor, tau: torch.Tensor
     logp = logit.log_softmax(1)
     k = neg_mask.sum(1).to(s.dtype)
     return (logp.exp() * (logp + k.log()[:, None])).nan_to_num(0.0).sum(1)
-
-
-def knn_accuracy(h_train: torch.Tensor, y_train: torch.Tensor, h_test: torch.Tensor, y_test: torch.Tensor,
-                 k: int = 10) -> float:
-    r"""Accuracy of a cosine :math:`k`-nearest-neighbour vote (majority; ties to the nearest) of each test
-    feature among the training features. ``h_*`` ``(N, d)``, ``y_*`` int64 ``(N,)``."""
-    if h_train.dim() != 2 or h_test.dim() != 2 or h_train.shape[1] != h_test.shape[1]:
-        raise ValueError("h_train and h_test must be (N, d) tensors with the same d")
-    if not 1 <= k <= len(h_train):
-        raise ValueError(f"k must be in [1, {len(h_train)}], got {k}")
-    s = F.normalize(h_test.float(), dim=1) @ F.normalize(h_train.float(), dim=1).T
-    top = s.topk(k, dim=1)
-    votes = F.one_hot(y_train[top.indices], int(y_train.max()) + 1).float()
-    votes = votes.sum(1) + 1e-3 * votes[:, 0]          # ties go to the nearest neighbour's class
-    return float((votes.argmax(1) == y_test).float().mean())
 
 
 def optimal_tau(z_anchor: torch.Tensor, z_neg: torch.Tensor, rho: float, tau_min: float = 0.05, tau_max: float = 1.0,
